@@ -1,0 +1,108 @@
+"""Self-describing checkpoints, written atomically and loaded with ``weights_only=True``.
+
+``models/checkpoint.pt`` (every epoch, for resuming) holds the model, the optimiser, the params
+that define the run, the epoch and step, the RNG states, the history so far, the best weights
+and the library versions. ``models/model.pt`` (the best epoch, what later stages read) holds the
+weights plus what is needed to rebuild the model: ``load_model`` never guesses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import vae
+from vae.config import ConfigError, DataConfig, ModelConfig
+from vae.io import atomic_torch_save
+from vae.model import VAE
+
+__all__ = ["CheckpointError", "load_checkpoint", "load_model", "save_model", "versions"]
+
+CHECKPOINT_FORMAT = "vae-checkpoint/1"
+MODEL_FORMAT = "vae-model/1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the current params."""
+
+
+def versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "vae": vae.__version__}
+
+
+def _load(path: Path, fmt: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; run `vae train` first")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:160]}); delete it and run `vae train` again"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not a {fmt} file (format {found!r})")
+    return obj
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return _load(Path(path), CHECKPOINT_FORMAT)
+
+
+def save_model(path: str | Path, model: VAE, data_cfg: DataConfig, extra: dict[str, Any]) -> None:
+    atomic_torch_save(
+        path,
+        {
+            "format": MODEL_FORMAT,
+            "model": model.state_dict(),
+            "params": {"model": _asdict(model.cfg), "data": _asdict(data_cfg)},
+            "image_shape": list(model.image_shape),
+            "versions": versions(),
+            **extra,
+        },
+    )
+
+
+def load_model(
+    path: str | Path, expected: ModelConfig | None = None, device: torch.device | str = "cpu"
+) -> tuple[VAE, dict[str, Any]]:
+    """Rebuild the model from ``models/model.pt``.
+
+    With ``expected``, the saved model params must equal it, so a model trained with other
+    params is refused with the differing keys named, never partially loaded.
+    """
+    obj = _load(Path(path), MODEL_FORMAT)
+    try:
+        cfg = ModelConfig(**obj["params"]["model"])
+    except (TypeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: unreadable model params ({exc})") from None
+    if expected is not None and cfg != expected:
+        diff = diff_params(_asdict(cfg), _asdict(expected), "model")
+        raise CheckpointError(
+            f"{path}: trained with other params ({diff}); rerun `vae train` (or `dvc repro`)"
+        )
+    model = VAE(cfg, tuple(obj["image_shape"]))
+    try:
+        model.load_state_dict(obj["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model ({exc})") from None
+    return model.to(device).eval(), obj
+
+
+def diff_params(old: dict[str, Any], new: dict[str, Any], prefix: str) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [
+        f"{prefix}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)
+    ]
+    return ", ".join(diffs) or "no difference"
+
+
+def _asdict(cfg: Any) -> dict[str, Any]:
+    import dataclasses
+
+    if not dataclasses.is_dataclass(cfg):
+        raise ConfigError(f"expected a config dataclass, got {type(cfg).__name__}")
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,138 @@
+"""``vae <stage>``: thin shells over the library, one per DVC stage.
+
+Each command reads params.yaml once (a bad value exits with code 2 before any work), reads its
+inputs, calls one library function and writes its outputs atomically. Paths follow the layout
+that dvc.yaml declares; every one can be overridden for tests and ad-hoc runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vae.config import Config, ConfigError, load_params
+
+__all__ = ["main"]
+
+log = logging.getLogger("vae")
+
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+class StageError(RuntimeError):
+    """An expected failure with a one-line explanation (exit code 1)."""
+
+
+def _check_prepared(cfg: Config, prepared: Path) -> dict:
+    from vae.io import load_json
+
+    path = prepared / "manifest.json"
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run `vae prepare` first")
+    manifest = load_json(path)
+    for key in ("dataset", "binarize", "seed", "val_fraction"):
+        if manifest.get(key) != getattr(cfg.data, key):
+            raise StageError(
+                f"{prepared} was prepared with data.{key}: {manifest.get(key)!r} but params say "
+                f"{getattr(cfg.data, key)!r}; run `vae prepare` again"
+            )
+    return manifest
+
+
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import prepare
+
+    prepare(cfg.data, Path(args.out), raw_dir=Path(args.raw), download=not args.offline)
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import load_split
+    from vae.io import atomic_write_json, atomic_write_text
+    from vae.train import select_device, train
+
+    prepared = Path(args.data)
+    manifest = _check_prepared(cfg, prepared)
+    device = select_device(cfg.train.device)
+    log.info("training on %s", device)
+    result = train(
+        cfg,
+        load_split(prepared / "train.pt", device),
+        load_split(prepared / "val.pt", device),
+        out_dir=Path(args.models),
+        resume=not args.no_resume,
+        dataset_sha256=manifest["dataset_sha256"],
+    )
+    atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.history)
+    atomic_write_text(Path(args.plots) / "train.csv", buf.getvalue())
+    m = result.metrics
+    log.info(
+        "best epoch %d: validation -ELBO %.2f nats/image; %.1f s/epoch",
+        m["best_epoch"],
+        m["best_val_nelbo"],
+        m["seconds_per_epoch"],
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    p = sub.add_parser("prepare", help="find the raw data, check it, write prepared splits")
+    p.add_argument("--raw", default="data/raw", help="the project's raw-data folder")
+    p.add_argument("--out", default=str(PREPARED))
+    p.add_argument("--offline", action="store_true", help="never try torchvision's download")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train (resuming from models/checkpoint.pt when it fits)")
+    p.add_argument("--data", default=str(PREPARED))
+    p.add_argument("--models", default=str(MODELS))
+    p.add_argument("--metrics", default=str(METRICS))
+    p.add_argument("--plots", default=str(PLOTS))
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    try:
+        cfg = load_params(args.params)
+    except ConfigError as exc:
+        print(f"vae: error: {exc}", file=sys.stderr)
+        return 2
+    func: Callable[[Config, argparse.Namespace], None] = args.func
+    from vae.checkpoint import CheckpointError
+    from vae.data import DataError
+    from vae.train import NonFiniteLossError
+
+    try:
+        func(cfg, args)
+    except (StageError, DataError, CheckpointError, NonFiniteLossError) as exc:
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

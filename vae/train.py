@@ -1,0 +1,312 @@
+"""The training loop: explicit, seeded, resumable.
+
+The whole prepared dataset sits on the training device as uint8 (47 MB for Fashion-MNIST) and
+batches are drawn by indexing it, so there is no per-image Python and no DataLoader. Per-step
+statistics are accumulated on the device and read once per epoch (one host-device sync).
+
+After every epoch an atomic, self-describing checkpoint is written. ``train`` resumes from it
+when its params match (only ``train.epochs`` may grow), and because every random number comes
+from generators whose states the checkpoint holds, a resumed run ends with the same weights
+and metrics as an uninterrupted one (on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vae.checkpoint import (
+    CHECKPOINT_FORMAT,
+    diff_params,
+    load_checkpoint,
+    save_model,
+    versions,
+)
+from vae.config import Config, ConfigError
+from vae.data import Split, batch_to_float, float_images
+from vae.io import atomic_torch_save
+from vae.losses import LossTerms, kl_weight, negative_elbo
+from vae.model import VAE
+from vae.tracking import NullTracker, Tracker
+
+__all__ = ["NonFiniteLossError", "TrainResult", "select_device", "train"]
+
+log = logging.getLogger(__name__)
+TERMS = ("loss", "elbo", "recon", "kl")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the first bad step."""
+
+
+@dataclass
+class TrainResult:
+    model: VAE  # the best-validation weights
+    history: list[dict[str, float]]  # one row per epoch
+    metrics: dict[str, Any]  # what metrics/train.json holds
+    resumed_from: int  # completed epochs found in the checkpoint (0 = fresh)
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; an explicit request that is unavailable is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device: {requested!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"train.device: {requested!r} requested but MPS is not available")
+    return dev
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _run_params(cfg: Config) -> dict[str, Any]:
+    """The params a checkpoint must match to be resumed (hardware knobs excluded)."""
+    train = dataclasses.asdict(cfg.train)
+    for k in ("epochs", "device", "precision", "compile", "num_threads"):
+        train.pop(k)
+    return {
+        "data": dataclasses.asdict(cfg.data),
+        "model": dataclasses.asdict(cfg.model),
+        "train": train,
+    }
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: VAE,
+    x_all: torch.Tensor,
+    seed: int,
+    batch_size: int = 1000,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> LossTerms:
+    """Mean single-sample ELBO terms over pre-binarized float images, with a fixed seed."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=x_all.device).manual_seed(seed)
+    sums = torch.zeros(4, device=x_all.device)
+    for i in range(0, x_all.shape[0], batch_size):
+        x = x_all[i : i + batch_size]
+        with autocast or contextlib.nullcontext():
+            terms = negative_elbo(x, model(x, gen))
+        sums += torch.stack(terms).detach().float() * x.shape[0]
+    model.train(was_training)
+    return LossTerms(*(sums / x_all.shape[0]))
+
+
+def train(
+    cfg: Config,
+    train_split: Split,
+    val_split: Split,
+    out_dir: Path = Path("models"),
+    tracker: Tracker | None = None,
+    resume: bool = True,
+    dataset_sha256: str = "",
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train on ``train_split`` (already on the device); keep the best epoch on ``val_split``."""
+    tc = cfg.train
+    tracker = tracker or NullTracker()
+    device = train_split.images.device
+    n = len(train_split)
+    if tc.batch_size > n:
+        raise ConfigError(
+            f"train.batch_size: {tc.batch_size} is larger than the training split "
+            f"({n} images); expected a value <= {n}"
+        )
+    if tc.num_threads:
+        torch.set_num_threads(tc.num_threads)
+    torch.manual_seed(tc.seed)
+    model = VAE(cfg.model, tuple(train_split.images.shape[1:])).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+    shuffle_gen = torch.Generator().manual_seed(tc.seed)  # CPU: permutations
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)  # binarize + eps
+    x_val = float_images(val_split, cfg.data.binarize, tc.seed + 2)
+    autocast = _autocast(device, tc.precision)
+    step_fn = torch.compile(model) if tc.compile else model
+
+    ckpt_path = out_dir / "checkpoint.pt"
+    history: list[dict[str, float]] = []
+    epoch = step = 0
+    best = {"val_loss": math.inf, "epoch": -1, "state": None}
+    resumed_from = 0
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["params"] != _run_params(cfg) or ckpt["dataset_sha256"] != dataset_sha256:
+            why = (
+                "; ".join(
+                    diff_params(ckpt["params"].get(s, {}), _run_params(cfg)[s], s)
+                    for s in ("data", "model", "train")
+                    if ckpt["params"].get(s) != _run_params(cfg)[s]
+                )
+                or "other data"
+            )
+            log.warning(
+                "not resuming %s: it was trained with other params or data (%s); "
+                "starting from scratch",
+                ckpt_path,
+                why,
+            )
+        elif ckpt["epoch"] > tc.epochs:
+            log.warning(
+                "not resuming %s: it has %d epochs, more than train.epochs=%d; "
+                "starting from scratch",
+                ckpt_path,
+                ckpt["epoch"],
+                tc.epochs,
+            )
+        else:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+            noise_gen.set_state(ckpt["rng"]["noise"].to(noise_gen.get_state().device))
+            epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+            best = {
+                "val_loss": ckpt["best_val_loss"],
+                "epoch": ckpt["best_epoch"],
+                "state": ckpt["best_model"],
+            }
+            resumed_from = epoch
+            log.info("resuming from %s at epoch %d (step %d)", ckpt_path, epoch, step)
+
+    n_batches = math.ceil(n / tc.batch_size)
+    show_bar = sys.stderr.isatty()
+    while epoch < tc.epochs:
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=shuffle_gen).to(device, non_blocking=True)
+        sums = torch.zeros(4, device=device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        bar = _progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}") if show_bar else None
+        for i in range(n_batches):
+            idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]
+            x = batch_to_float(train_split.images[idx], cfg.data.binarize, noise_gen)
+            w = kl_weight(step, tc.kl_warmup_steps, tc.beta)
+            with autocast:
+                terms = negative_elbo(x, step_fn(x, noise_gen), w, tc.free_bits)
+            opt.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            if tc.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            stacked = torch.stack(terms).detach().float()
+            bad = ~torch.isfinite(stacked).all()
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            sums += stacked * idx.shape[0]
+            step += 1
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if (bad_step := int(first_bad)) >= 0:  # the one sync per epoch
+            raise NonFiniteLossError(
+                f"the loss became NaN or inf at step {bad_step} (epoch {epoch + 1}); "
+                f"kept the last good checkpoint {ckpt_path} (epoch {epoch}). "
+                "Lower train.lr, set train.grad_clip, or check the data"
+            )
+        val = evaluate_elbo(model, x_val, tc.seed + 3, autocast=autocast)
+        epoch += 1
+        seconds = time.perf_counter() - t0
+        train_terms = (sums / n).tolist()
+        row = {
+            "epoch": epoch,
+            "step": step,
+            "kl_weight": kl_weight(step, tc.kl_warmup_steps, tc.beta),
+        }
+        row.update({f"train_{k}": v for k, v in zip(TERMS, train_terms, strict=True)})
+        row.update({f"val_{k}": float(v) for k, v in zip(TERMS, val, strict=True)})
+        row["val_nelbo"] = -row["val_elbo"]
+        row["seconds"] = seconds
+        history.append(row)
+        if row["val_nelbo"] < best["val_loss"]:
+            best = {
+                "val_loss": row["val_nelbo"],
+                "epoch": epoch,
+                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            }
+        atomic_torch_save(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "params": _run_params(cfg),
+                "image_shape": list(model.image_shape),
+                "dataset_sha256": dataset_sha256,
+                "epoch": epoch,
+                "step": step,
+                "history": history,
+                "best_val_loss": best["val_loss"],
+                "best_epoch": best["epoch"],
+                "best_model": best["state"],
+                "rng": {"shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state().cpu()},
+                "versions": versions(),
+            },
+        )
+        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        log.info(
+            "epoch %d/%d  train -elbo %.2f  val -elbo %.2f (recon %.2f, kl %.2f)  "
+            "%.1fs (%.0f img/s)",
+            epoch,
+            tc.epochs,
+            -row["train_elbo"],
+            row["val_nelbo"],
+            row["val_recon"],
+            row["val_kl"],
+            seconds,
+            n / seconds,
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(row)
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    save_model(
+        out_dir / "model.pt",
+        model,
+        cfg.data,
+        {"epoch": best["epoch"], "val_nelbo": best["val_loss"], "dataset_sha256": dataset_sha256},
+    )
+    last = history[-1]
+    timed = [r["seconds"] for r in history[1:]] or [history[0]["seconds"]]
+    metrics = {
+        "best_epoch": best["epoch"],
+        "best_val_nelbo": best["val_loss"],
+        "final_train_nelbo": -last["train_elbo"],
+        "final_val_nelbo": last["val_nelbo"],
+        "final_val_recon": last["val_recon"],
+        "final_val_kl": last["val_kl"],
+        "epochs": last["epoch"],
+        "steps": last["step"],
+        "seconds_per_epoch": sum(timed) / len(timed),
+        "train_images_per_second": n / (sum(timed) / len(timed)),
+        "device": str(device),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return TrainResult(model, history, metrics, resumed_from)
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
