@@ -29,7 +29,7 @@ class CheckpointError(RuntimeError):
 
 
 def versions() -> dict[str, str]:
-    return {"torch": torch.__version__, "vae": vae.__version__}
+    return {"torch": str(torch.__version__), "vae": str(vae.__version__)}
 
 
 def _load(path: Path, fmt: str) -> dict[str, Any]:

@@ -14,8 +14,14 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vae.config import Config, ConfigError, load_params
+
+if TYPE_CHECKING:
+    import torch
+
+    from vae.model import VAE
 
 __all__ = ["main"]
 
@@ -85,6 +91,80 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     )
 
 
+def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, torch.device]:
+    from vae.checkpoint import load_model
+    from vae.train import select_device
+
+    device = select_device(cfg.train.device)
+    model, meta = load_model(Path(args.models) / "model.pt", expected=cfg.model, device=device)
+    return model, meta, device
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import float_images, load_split
+    from vae.evaluate import evaluate
+    from vae.io import atomic_write_json
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    model, _, device = _load_trained(cfg, args)
+    test = load_split(prepared / "test.pt", device)
+    metrics = evaluate(
+        model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
+    )
+    atomic_write_json(Path(args.metrics) / "eval.json", metrics)
+    log.info(
+        "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
+        -metrics["elbo"],
+        metrics["nll_iw"],
+        metrics["iw_samples"],
+        metrics["elbo_gap"],
+        metrics["active_units"],
+    )
+
+
+def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import load_split
+    from vae.export import export
+    from vae.io import atomic_write_json
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    model, _, device = _load_trained(cfg, args)
+    splits = {
+        name: load_split(prepared / f"{name}.pt", device) for name in ("train", "val", "test")
+    }
+    metrics = export(
+        model, splits, cfg.data.binarize, cfg.export, Path(args.out), seed=cfg.export.seed
+    )
+    atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
+    log.info(
+        "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
+        metrics["linear_probe_accuracy"] or 0.0,
+        metrics["pixel_linear_probe_accuracy"] or 0.0,
+        cfg.export.knn_k,
+        metrics["knn_accuracy"] or 0.0,
+        metrics["pixel_knn_accuracy"] or 0.0,
+    )
+
+
+def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import load_split
+    from vae.generate import generate
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    model, _, device = _load_trained(cfg, args)
+    paths = generate(
+        model,
+        load_split(prepared / "test.pt", device),
+        cfg.data.binarize,
+        cfg.generate,
+        Path(args.out),
+    )
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -106,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=str(PLOTS))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=cmd_train)
+
+    for name, func, out, help_ in (
+        ("evaluate", cmd_evaluate, None, "test ELBO, importance-weighted log p(x), active units"),
+        (
+            "export",
+            cmd_export,
+            "data/embeddings",
+            "latent embeddings as Parquet + their usefulness",
+        ),
+        ("generate", cmd_generate, "reports", "PNG grids: samples, reconstructions, latent space"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--data", default=str(PREPARED))
+        p.add_argument("--models", default=str(MODELS))
+        p.add_argument("--metrics", default=str(METRICS))
+        if out:
+            p.add_argument("--out", default=out)
+        p.set_defaults(func=func)
     return parser
 
 

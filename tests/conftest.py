@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny IDX datasets written by the tests themselves, and tiny params."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vae.data import IDX_FILES
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+TINY_PARAMS = {
+    "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "binarize": "dynamic", "seed": 0},
+    "model": {"arch": "mlp", "latent_dim": 4, "hidden_dim": 32},
+    "train": {"epochs": 2, "batch_size": 32, "lr": 0.003, "seed": 0, "device": "cpu"},
+    "evaluate": {"iw_samples": 8, "batch_size": 50},
+    "export": {"batch_size": 64, "knn_k": 3, "probe_max_iter": 200},
+    "generate": {
+        "n_samples": 16,
+        "nrow": 4,
+        "n_reconstructions": 8,
+        "n_interpolations": 2,
+        "interpolation_steps": 5,
+    },
+}
+
+
+def idx_bytes(array: torch.Tensor) -> bytes:
+    """Serialise a uint8 tensor in the IDX format (magic 0x0000 08 ndim, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.ndim])
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.contiguous().numpy().tobytes()
+
+
+def synthetic_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 28x28 uint8 images of 10 classes: each class a bright bar at its own position."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+    for i, y in enumerate(labels.tolist()):
+        images[i, 2 + 2 * y : 5 + 2 * y, 4:24] = 230
+    return images, labels.to(torch.uint8)
+
+
+def write_idx_dataset(folder: Path, n_train: int = 200, n_test: int = 50, gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        images, labels = synthetic_images(n, seed)
+        for kind, arr in (("images", images), ("labels", labels)):
+            stem = IDX_FILES[f"{split}_{kind}"]
+            data = idx_bytes(arr)
+            if gz:
+                (folder / f"{stem}.gz").write_bytes(gzip.compress(data, mtime=0))
+            else:
+                (folder / stem).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tmp project folder (the cwd) with tiny raw IDX data and tiny params.yaml."""
+    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_params(path: Path, **sections: dict) -> None:
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vae.cli import main
+from vae.config import Config, ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_parse_and_match_defaults() -> None:
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg == Config(), "params.yaml and the dataclass defaults should say the same thing"
+    assert cfg.flat()["train.lr"] == pytest.approx(1e-3)
+
+
+def test_config_is_frozen() -> None:
+    cfg = parse_params({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.epochs = 3  # type: ignore[misc]
+
+
+def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-3\n")
+    assert load_params(tmp_path / "p.yaml").train.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragments"),
+    [
+        ({"train": {"epochs": -1}}, ["train.epochs", "out of range", ">= 1"]),
+        ({"model": {"latent_dim": "abc"}}, ["model.latent_dim", "wrong type", "an integer"]),
+        ({"model": {"latent_dim": 0}}, ["model.latent_dim", ">= 1"]),
+        ({"train": {"lr": 0}}, ["train.lr", "> 0"]),
+        ({"train": {"epochs": True}}, ["train.epochs", "wrong type"]),
+        ({"evaluate": {"iw_samples": 0}}, ["evaluate.iw_samples", ">= 1"]),
+        ({"data": {"binarize": "maybe"}}, ["data.binarize", "'dynamic', 'static', 'none'"]),
+        ({"train": {"epoch": 3}}, ["train.epoch", "unknown key", "did you mean 'epochs'"]),
+        ({"trian": {}}, ["trian", "unknown key", "did you mean 'train'"]),
+        ({"train": {"device": "tpu"}}, ["train.device", "cuda:N"]),
+        ({"model": {"likelihood": "gaussian"}}, ["model.likelihood", "data.binarize"]),
+        ({"data": {"dataset": "folder"}}, ["data.folder", "required"]),
+        ({"train": 5}, ["train", "mapping"]),
+    ],
+)
+def test_bad_params_name_the_key(raw: dict, fragments: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_gaussian_with_continuous_pixels_is_fine() -> None:
+    cfg = parse_params({"model": {"likelihood": "gaussian"}, "data": {"binarize": "none"}})
+    assert cfg.model.likelihood == "gaussian"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text("train:\n  epochs: 3\n  lr: [0.1\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):
+        load_params(tmp_path / "p.yaml")
+
+
+def test_cli_exits_2_with_one_line_before_any_work(
+    project: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (project / "params.yaml").write_text("train:\n  epochs: -1\n")
+    assert main(["prepare"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.epochs" in err
+    assert not (project / "data" / "prepared").exists(), "no work may start on bad params"

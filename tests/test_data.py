@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import idx_bytes, write_idx_dataset
+from vae.config import DataConfig
+from vae.data import DataError, find_raw_files, load_split, prepare, read_idx
+
+
+def test_idx_round_trip(tmp_path: Path) -> None:
+    arr = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 3, 4)
+    (tmp_path / "a").write_bytes(idx_bytes(arr))
+    (tmp_path / "a.gz").write_bytes(gzip.compress(idx_bytes(arr)))
+    plain, h1 = read_idx(tmp_path / "a", 3)
+    packed, h2 = read_idx(tmp_path / "a.gz", 3)
+    assert torch.equal(plain, arr) and torch.equal(packed, arr)
+    assert h1 == h2, "the hash is of the content, so gzip or not does not matter"
+
+
+def test_truncated_idx_names_the_file(tmp_path: Path) -> None:
+    data = idx_bytes(torch.zeros(4, 28, 28, dtype=torch.uint8))
+    (tmp_path / "t").write_bytes(data[:-10])
+    with pytest.raises(DataError, match=r"t: truncated or corrupt IDX file"):
+        read_idx(tmp_path / "t", 3)
+
+
+def test_corrupt_gzip_names_the_file(tmp_path: Path) -> None:
+    data = gzip.compress(idx_bytes(torch.zeros(4, 28, 28, dtype=torch.uint8)))
+    (tmp_path / "c.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"c\.gz: cannot read"):
+        read_idx(tmp_path / "c.gz", 3)
+
+
+def test_wrong_magic_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "m").write_bytes(idx_bytes(torch.zeros(3, dtype=torch.uint8)))
+    with pytest.raises(DataError, match=r"m: wrong IDX magic number 00000801"):
+        read_idx(tmp_path / "m", 3)
+
+
+def test_label_count_mismatch(tmp_path: Path) -> None:
+    folder = write_idx_dataset(tmp_path / "raw" / "fashion_mnist", gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(7, dtype=torch.uint8)))
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte: 7 labels but"):
+        prepare(DataConfig(), tmp_path / "out", raw_dir=tmp_path / "raw", download=False)
+    assert not (tmp_path / "out").exists(), "a failed prepare writes nothing"
+
+
+def test_source_order_project_copy_then_system(tmp_path: Path) -> None:
+    system = write_idx_dataset(tmp_path / "system")
+    files, source = find_raw_files("fashion_mnist", tmp_path / "raw", (system,), download=False)
+    assert source.startswith("Debian package") and files["train_images"].parent == system
+    write_idx_dataset(tmp_path / "raw" / "fashion_mnist")
+    files, source = find_raw_files("fashion_mnist", tmp_path / "raw", (system,), download=False)
+    assert source.startswith("project copy")
+
+
+def test_missing_data_names_all_three_ways(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as info:
+        find_raw_files("fashion_mnist", tmp_path / "raw", (tmp_path / "none",), download=False)
+    msg = str(info.value)
+    assert "(1)" in msg and "dvc pull" in msg
+    assert "(2)" in msg and "apt-get install -y dataset-fashion-mnist" in msg
+    assert "(3)" in msg and "torchvision" in msg
+
+
+def test_failed_download_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DataError, match="no network"):
+        find_raw_files("fashion_mnist", tmp_path / "raw", (), download=True)
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static", "none"])
+def test_prepare_writes_splits_and_manifest(tmp_path: Path, binarize: str) -> None:
+    write_idx_dataset(tmp_path / "raw" / "fashion_mnist", n_train=100, n_test=30)
+    cfg = DataConfig(val_fraction=0.2, binarize=binarize)  # type: ignore[arg-type]
+    manifest = prepare(cfg, tmp_path / "out", raw_dir=tmp_path / "raw", download=False)
+    assert manifest["splits"]["train"]["count"] == 80
+    assert manifest["splits"]["val"]["count"] == 20
+    assert manifest["splits"]["test"] == {"count": 30, "shape": [30, 1, 28, 28]}
+    assert len(manifest["raw_sha256"]) == 4 and len(manifest["dataset_sha256"]) == 64
+    train = load_split(tmp_path / "out" / "train.pt")
+    assert train.images.dtype == torch.uint8 and train.images.shape == (80, 1, 28, 28)
+    values = set(train.images.unique().tolist())
+    assert (values <= {0, 255}) == (binarize == "static")
+    again = prepare(cfg, tmp_path / "again", raw_dir=tmp_path / "raw", download=False)
+    assert again == manifest
+    assert torch.equal(
+        load_split(tmp_path / "again" / "val.pt").images,
+        load_split(tmp_path / "out" / "val.pt").images,
+    ), "the split is seeded"
+
+
+def _png(path: Path, size: tuple[int, int] = (8, 8), value: int = 100) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, value).save(path)
+
+
+def test_image_folder_dataset(tmp_path: Path) -> None:
+    for cls in ("cats", "dogs"):
+        for i in range(10):
+            _png(tmp_path / "imgs" / cls / f"{i}.png", value=20 * i)
+    cfg = DataConfig(dataset="folder", folder=str(tmp_path / "imgs"), val_fraction=0.2)
+    manifest = prepare(cfg, tmp_path / "out")
+    assert manifest["classes"] == ["cats", "dogs"]
+    assert manifest["image_shape"] == [1, 8, 8]
+    assert sum(s["count"] for s in manifest["splits"].values()) == 20
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: d.mkdir(), "the image folder is empty"),
+        (lambda d: (_png(d / "a.png"), (d / "notes.txt").write_text("hi")), "not an image file"),
+        (lambda d: (_png(d / "a.png"), _png(d / "b.png", (9, 9))), "differs from"),
+        (lambda d: (_png(d / "a.png"), (d / "b.png").write_bytes(b"junk")), "cannot read"),
+    ],
+)
+def test_bad_image_folders(tmp_path: Path, setup, message: str) -> None:
+    setup(tmp_path / "imgs")
+    cfg = DataConfig(dataset="folder", folder=str(tmp_path / "imgs"))
+    with pytest.raises(DataError, match=message):
+        prepare(cfg, tmp_path / "out")

@@ -1,0 +1,146 @@
+"""The distributions and the loss against closed forms and torch.distributions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+from vae.config import ModelConfig
+from vae.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
+from vae.losses import kl_weight, negative_elbo
+from vae.model import VAE
+
+
+def _posterior(seed: int = 0, b: int = 5, d: int = 3) -> DiagonalGaussian:
+    g = torch.Generator().manual_seed(seed)
+    return DiagonalGaussian(torch.randn(b, d, generator=g), torch.randn(b, d, generator=g))
+
+
+def test_kl_matches_torch_distributions() -> None:
+    q = _posterior()
+    ref = D.kl_divergence(D.Normal(q.mean, q.std), D.Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(q.kl(), ref)
+
+
+def test_kl_closed_form_values() -> None:
+    # KL(N(0,1) || N(0,1)) = 0; KL(N(m, 1) || N(0, 1)) = m^2 / 2; KL(N(0, s^2)||N(0,1)) known.
+    zero = DiagonalGaussian(torch.zeros(1, 2), torch.zeros(1, 2))
+    assert zero.kl().item() == pytest.approx(0.0, abs=1e-7)
+    shifted = DiagonalGaussian(torch.tensor([[3.0]]), torch.zeros(1, 1))
+    assert shifted.kl().item() == pytest.approx(4.5)
+    s2 = 0.25
+    narrow = DiagonalGaussian(torch.zeros(1, 1), torch.full((1, 1), math.log(s2)))
+    assert narrow.kl().item() == pytest.approx(0.5 * (s2 - 1 - math.log(s2)))
+
+
+def test_kl_matches_monte_carlo() -> None:
+    q = _posterior(seed=1, b=2, d=2)
+    z = q.sample(torch.Generator().manual_seed(0), n=200_000)  # (n, B, D)
+    prior = D.Normal(0.0, 1.0)
+    mc = (q.log_prob(z) - prior.log_prob(z).sum(-1)).mean(0)
+    torch.testing.assert_close(mc, q.kl(), rtol=0.02, atol=0.02)
+
+
+def test_posterior_sampling_is_seeded_and_reparameterised() -> None:
+    q = _posterior()
+    a = q.sample(torch.Generator().manual_seed(5))
+    b = q.sample(torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    mean = q.mean.clone().requires_grad_(True)
+    DiagonalGaussian(mean, q.logvar).sample(torch.Generator().manual_seed(0)).sum().backward()
+    assert mean.grad is not None and torch.allclose(mean.grad, torch.ones_like(mean))
+    assert torch.equal(q.mode(), q.mean)
+    torch.testing.assert_close(q.log_prob(a), D.Normal(q.mean, q.std).log_prob(a).sum(-1))
+
+
+def test_bernoulli_likelihood_matches_torch() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 1, 5, 5, generator=g)
+    x = torch.bernoulli(torch.full((4, 1, 5, 5), 0.5), generator=g)
+    ref = D.Bernoulli(logits=logits).log_prob(x).flatten(1).sum(-1)
+    torch.testing.assert_close(BernoulliLikelihood(logits).log_prob(x), ref)
+    torch.testing.assert_close(BernoulliLikelihood(logits).mean(), torch.sigmoid(logits))
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_gaussian_likelihood_matches_torch(shared: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand(3, 1, 4, 4, generator=g)
+    logvar = torch.full((1, 1, 1), -2.0) if shared else torch.randn(1, 4, 4, generator=g) - 2
+    x = torch.rand(3, 1, 4, 4, generator=g)
+    ref = D.Normal(mean, torch.exp(0.5 * logvar)).log_prob(x).flatten(1).sum(-1)
+    torch.testing.assert_close(GaussianLikelihood(mean, logvar).log_prob(x), ref)
+
+
+def test_kl_warmup_schedule_boundaries() -> None:
+    assert kl_weight(0, 100) == 0.0
+    assert kl_weight(50, 100) == pytest.approx(0.5)
+    assert kl_weight(100, 100) == 1.0
+    assert kl_weight(10_000, 100) == 1.0
+    assert kl_weight(0, 0) == 1.0  # warm-up off
+    assert kl_weight(25, 100, beta=4.0) == pytest.approx(1.0)
+
+
+def _tiny_model(**overrides: object) -> VAE:
+    torch.manual_seed(0)
+    cfg = ModelConfig(latent_dim=3, hidden_dim=16, **overrides)  # type: ignore[arg-type]
+    return VAE(cfg, (1, 6, 6))
+
+
+def test_loss_reduction_rule_sum_pixels_mean_batch() -> None:
+    model = _tiny_model()
+    x = torch.bernoulli(torch.full((7, 1, 6, 6), 0.3), generator=torch.Generator().manual_seed(1))
+    out = model(x, torch.Generator().manual_seed(2))
+    terms = negative_elbo(x, out)
+    recon = (
+        torch.nn.functional.binary_cross_entropy_with_logits(
+            out.likelihood.logits, x, reduction="sum"
+        )
+        / x.shape[0]
+    )
+    kl = out.posterior.kl().sum() / x.shape[0]
+    torch.testing.assert_close(terms.recon, recon)
+    torch.testing.assert_close(terms.kl, kl)
+    torch.testing.assert_close(terms.elbo, -(recon + kl))
+    torch.testing.assert_close(terms.loss, recon + kl)
+    half = negative_elbo(x, out, kl_weight=0.5)
+    torch.testing.assert_close(half.loss, recon + 0.5 * kl)
+    torch.testing.assert_close(half.elbo, terms.elbo)  # the ELBO itself is never weighted
+
+
+def test_free_bits_floor_each_dimension() -> None:
+    model = _tiny_model()
+    x = torch.rand(4, 1, 6, 6)
+    out = model(x, torch.Generator().manual_seed(0))
+    lam = 10.0  # above every dimension's KL here, so the KL term is exactly D * lam
+    terms = negative_elbo(x, out, free_bits=lam)
+    torch.testing.assert_close(terms.loss, terms.recon + 3 * lam)
+    assert terms.kl < 3 * lam  # the reported KL is the true one
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"arch": "conv", "conv_channels": 4},
+        {"likelihood": "gaussian"},
+        {"likelihood": "gaussian", "gaussian_variance": "shared"},
+    ],
+)
+def test_model_shapes_and_generation(overrides: dict) -> None:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim=3, hidden_dim=16, **overrides), (1, 8, 8))
+    x = torch.rand(5, 1, 8, 8)
+    out = model(x, torch.Generator().manual_seed(0))
+    assert out.posterior.mean.shape == (5, 3) and out.z.shape == (5, 3)
+    assert out.likelihood.mean().shape == (5, 1, 8, 8)
+    assert model.decode(torch.zeros(2, 5, 3)).mean().shape == (2, 5, 1, 8, 8)
+    mean = model.generate(6, torch.Generator().manual_seed(1), mean=True)
+    sample = model.generate(6, torch.Generator().manual_seed(1), mean=False)
+    assert mean.shape == sample.shape == (6, 1, 8, 8)
+    assert not torch.equal(mean, sample)
+    again = model.generate(6, torch.Generator().manual_seed(1), mean=False)
+    assert torch.equal(sample, again)

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae.train
+from tests.conftest import write_params
+from vae.checkpoint import CheckpointError, load_checkpoint, load_model
+from vae.cli import main
+from vae.config import ConfigError, ModelConfig, load_params, parse_params
+from vae.data import load_split
+from vae.losses import LossTerms
+from vae.train import NonFiniteLossError, train
+
+
+@pytest.fixture
+def prepared(project: Path) -> Path:
+    assert main(["-q", "prepare", "--offline"]) == 0
+    return project / "data" / "prepared"
+
+
+def _splits(prepared: Path):
+    return load_split(prepared / "train.pt"), load_split(prepared / "val.pt")
+
+
+def _cfg(**train: object):
+    base = load_params("params.yaml").to_dict()
+    base["train"].update(train)
+    return parse_params(base)
+
+
+def test_cli_prepare_and_train_end_to_end(prepared: Path) -> None:
+    assert main(["-q", "train"]) == 0
+    metrics = json.loads(Path("metrics/train.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["best_epoch"] in (1, 2)
+    assert metrics["best_val_nelbo"] > 0 and metrics["device"] == "cpu"
+    rows = list(csv.DictReader(Path("plots/train.csv").read_text().splitlines()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "val_loss", "val_recon", "val_kl", "train_kl"} <= set(rows[0])
+    model, meta = load_model("models/model.pt", expected=load_params().model)
+    assert meta["epoch"] == metrics["best_epoch"]
+    assert isinstance(model.encode(torch.rand(2, 1, 28, 28)).mean, torch.Tensor)
+
+
+def test_training_lowers_the_loss(prepared: Path) -> None:
+    result = train(_cfg(epochs=4), *_splits(prepared), out_dir=Path("models"))
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[-1]["val_nelbo"] < result.history[0]["val_nelbo"]
+
+
+def test_checkpoint_round_trips_every_tensor(prepared: Path) -> None:
+    result = train(_cfg(epochs=1), *_splits(prepared), out_dir=Path("models"))
+    ckpt = load_checkpoint("models/checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == result.history[-1]["step"]
+    assert ckpt["versions"]["torch"] == torch.__version__
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(ckpt["best_model"][name], tensor), name
+    model, _ = load_model("models/model.pt")
+    for name, tensor in result.model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path) -> None:
+    splits = _splits(prepared)
+    full = train(_cfg(epochs=3), *splits, out_dir=tmp_path / "full")
+    train(_cfg(epochs=1), *splits, out_dir=tmp_path / "cut")
+    resumed = train(_cfg(epochs=3), *splits, out_dir=tmp_path / "cut")
+    assert resumed.resumed_from == 1
+    for name, tensor in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed.history) == drop(full.history)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(b["model"][name], tensor), name
+
+
+def test_changed_params_start_from_scratch(prepared: Path, tmp_path: Path) -> None:
+    splits = _splits(prepared)
+    train(_cfg(epochs=1), *splits, out_dir=tmp_path)
+    result = train(_cfg(epochs=2, lr=0.001), *splits, out_dir=tmp_path)
+    assert result.resumed_from == 0
+
+
+def test_nan_loss_names_the_step_and_keeps_checkpoint(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits = _splits(prepared)
+    train(_cfg(epochs=1), *splits, out_dir=Path("models"))
+    good = load_checkpoint("models/checkpoint.pt")
+    real = vae.train.negative_elbo
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs) -> LossTerms:
+        terms = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return terms._replace(loss=terms.loss * float("nan"))
+        return terms
+
+    monkeypatch.setattr(vae.train, "negative_elbo", poisoned)
+    step0 = good["step"]
+    with pytest.raises(NonFiniteLossError, match=rf"at step {step0 + 2} \(epoch 2\)"):
+        train(_cfg(epochs=2), *splits, out_dir=Path("models"))
+    kept = load_checkpoint("models/checkpoint.pt")
+    assert kept["epoch"] == 1
+    for name, tensor in good["model"].items():
+        assert torch.equal(kept["model"][name], tensor)
+
+
+def test_batch_larger_than_data_is_a_config_error(prepared: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        train(_cfg(batch_size=100_000), *_splits(prepared), out_dir=Path("models"))
+    write_params(Path("params.yaml"), train={"batch_size": 100_000})
+    assert main(["-q", "train"]) == 2
+    assert not Path("models/checkpoint.pt").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(prepared: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["-q", "train"]) == 0
+    blob = Path("models/checkpoint.pt").read_bytes()
+    Path("models/checkpoint.pt").write_bytes(blob[: len(blob) // 2])
+    assert main(["-q", "train"]) == 1
+    assert "corrupt or truncated checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="trained with other params"):
+        load_model("models/model.pt", expected=ModelConfig(latent_dim=5, hidden_dim=32))
