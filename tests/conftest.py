@@ -27,6 +27,8 @@ TINY_PARAMS = {
         "n_interpolations": 2,
         "interpolation_steps": 5,
     },
+    "mlflow": {"enabled": False, "experiment": "tiny", "registered_model": "tiny-vae"},
+    "schedule": {"cron": "0 3 * * 1", "timezone": "UTC"},
 }
 
 

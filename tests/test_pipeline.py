@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import TINY_PARAMS, write_idx_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["prepare", "train", "evaluate", "export", "generate"]
+STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
 
 
 def _env() -> dict[str, str]:
@@ -104,5 +104,5 @@ def test_experiment_with_set_params(pipeline_repo: Path) -> None:
          "-S", "evaluate.iw_samples=4")
     assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 1
     assert json.loads((root / "metrics/eval.json").read_text())["iw_samples"] == 4
-    shown = _run(root, sys.executable, "-m", "dvc", "exp", "show", "--no-pager")
+    shown = _run(root, sys.executable, "-m", "dvc", "exp", "show", "--csv")
     assert "nll_iw" in shown

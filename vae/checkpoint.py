@@ -37,7 +37,7 @@ def _load(path: Path, fmt: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not found; run `vae train` first")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, not a torch file
         raise CheckpointError(
             f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}); delete it and run `vae train` again"

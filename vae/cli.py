@@ -21,6 +21,7 @@ from vae.config import Config, ConfigError, load_params
 if TYPE_CHECKING:
     import torch
 
+    from vae.mlflow_tracker import MlflowTracker
     from vae.model import VAE
 
 __all__ = ["main"]
@@ -31,6 +32,7 @@ PREPARED = Path("data/prepared")
 MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+RUN_FILE = "mlflow_run.json"  # in models/: the MLflow run id, handed from stage to stage
 
 
 class StageError(RuntimeError):
@@ -53,6 +55,60 @@ def _check_prepared(cfg: Config, prepared: Path) -> dict:
     return manifest
 
 
+def _open_training_run(
+    cfg: Config, run_file: Path, manifest: dict, device: torch.device
+) -> MlflowTracker | None:
+    """Start (or reopen) the pipeline's MLflow run before any training; None if tracking is off."""
+    from vae.mlflow_tracker import git_commit, open_run, write_disabled_run_file
+
+    if not cfg.mlflow.enabled:
+        write_disabled_run_file(run_file)
+        return None
+    import torch
+
+    import vae
+
+    tracker = open_run(cfg.mlflow, run_file, cfg.flat())
+    tracker.log_params(cfg.flat())
+    commit = git_commit()
+    tracker.set_tags(
+        {
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "dataset": cfg.data.dataset,
+            "dataset_sha256": manifest["dataset_sha256"],
+            "device": str(device),
+            "torch_version": str(torch.__version__),
+            "vae_version": vae.__version__,
+        }
+    )
+    return tracker
+
+
+def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
+    """The run ``vae train`` started, opened before the stage does any work."""
+    if not cfg.mlflow.enabled:
+        return None
+    from vae.mlflow_tracker import tracker_from_run_file
+
+    return tracker_from_run_file(Path(args.models) / RUN_FILE)
+
+
+def _log_stage(
+    tracker: MlflowTracker | None, stage: str, metrics: dict, artifacts: Sequence[Path] = ()
+) -> None:
+    """Send the stage's metrics dict (the one written to JSON) and its artifacts to MLflow."""
+    if tracker is None:
+        return
+    from vae.mlflow_tracker import flatten_metrics
+
+    tracker.log_metrics(flatten_metrics(metrics, f"{stage}."))
+    for path in artifacts:
+        tracker.log_artifact(path, stage)
+    if problem := tracker.report():
+        log.warning("%s", problem)
+
+
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import prepare
 
@@ -67,12 +123,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
     device = select_device(cfg.train.device)
+    tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
     log.info("training on %s", device)
     result = train(
         cfg,
         load_split(prepared / "train.pt", device),
         load_split(prepared / "val.pt", device),
         out_dir=Path(args.models),
+        tracker=tracker,
         resume=not args.no_resume,
         dataset_sha256=manifest["dataset_sha256"],
     )
@@ -82,6 +140,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     writer.writeheader()
     writer.writerows(result.history)
     atomic_write_text(Path(args.plots) / "train.csv", buf.getvalue())
+    if tracker is not None:
+        _log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
+        tracker.finish()
     m = result.metrics
     log.info(
         "best epoch %d: validation -ELBO %.2f nats/image; %.1f s/epoch",
@@ -107,12 +168,14 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
     test = load_split(prepared / "test.pt", device)
     metrics = evaluate(
         model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
     )
     atomic_write_json(Path(args.metrics) / "eval.json", metrics)
+    _log_stage(tracker, "evaluate", metrics, [Path(args.metrics) / "eval.json"])
     log.info(
         "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
         -metrics["elbo"],
@@ -130,6 +193,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
     splits = {
         name: load_split(prepared / f"{name}.pt", device) for name in ("train", "val", "test")
@@ -138,6 +202,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
         model, splits, cfg.data.binarize, cfg.export, Path(args.out), seed=cfg.export.seed
     )
     atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
+    _log_stage(tracker, "export", metrics, [Path(args.metrics) / "downstream.json"])
     log.info(
         "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
         metrics["linear_probe_accuracy"] or 0.0,
@@ -153,7 +218,8 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.generate import generate
 
     prepared = Path(args.data)
-    _check_prepared(cfg, prepared)
+    manifest = _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
     paths = generate(
         model,
@@ -161,8 +227,66 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
         cfg.data.binarize,
         cfg.generate,
         Path(args.out),
+        class_names=manifest.get("classes"),
     )
+    _log_stage(tracker, "generate", {}, [Path(p) for p in paths.values()])
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import float_images, load_split
+    from vae.io import atomic_write_json, load_json
+
+    out = Path(args.metrics) / "registry.json"
+    name = cfg.mlflow.registered_model
+    if not cfg.mlflow.enabled:
+        atomic_write_json(
+            out,
+            {
+                "name": name,
+                "version": None,
+                "promoted": False,
+                "reason": "mlflow.enabled is false; nothing registered",
+            },
+        )
+        log.info("mlflow.enabled is false: not registering")
+        return
+    from vae.evaluate import evaluate
+    from vae.registry import register
+
+    prepared = Path(args.data)
+    manifest = _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    if tracker is None:
+        raise StageError(
+            f"{Path(args.models) / RUN_FILE}: no MLflow run; run `vae train` with "
+            "mlflow.enabled: true first"
+        )
+    model, _, device = _load_trained(cfg, args)
+    eval_path = Path(args.metrics) / "eval.json"
+    eval_metrics = load_json(eval_path) if eval_path.is_file() else None
+    eval_key = {
+        "dataset_sha256": manifest["dataset_sha256"],
+        "binarize": cfg.data.binarize,
+        "iw_samples": str(cfg.evaluate.iw_samples),
+        "evaluate_seed": str(cfg.evaluate.seed),
+    }
+
+    def reevaluate(champion: VAE) -> float:
+        test = load_split(prepared / "test.pt", device)
+        x = float_images(test, cfg.data.binarize, cfg.evaluate.seed)
+        return evaluate(champion.to(device), x, cfg.evaluate)["nll_iw"]
+
+    decision = register(model.cpu(), name, tracker.run_id, eval_metrics, eval_key, reevaluate)
+    atomic_write_json(out, decision)
+    _log_stage(tracker, "register", {k: decision[k] for k in ("version", "promoted")}, [out])
+    log.info(
+        "registered %s v%d; %s: %s",
+        name,
+        decision["version"],
+        "promoted to champion" if decision["promoted"] else "champion unchanged",
+        decision["reason"],
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
             "latent embeddings as Parquet + their usefulness",
         ),
         ("generate", cmd_generate, "reports", "PNG grids: samples, reconstructions, latent space"),
+        ("register", cmd_register, None, "register the model in MLflow; gate the champion alias"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--data", default=str(PREPARED))
@@ -223,11 +348,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[Config, argparse.Namespace], None] = args.func
     from vae.checkpoint import CheckpointError
     from vae.data import DataError
+    from vae.mlflow_tracker import TrackingUnavailable
+    from vae.registry import RegistryError
     from vae.train import NonFiniteLossError
 
     try:
         func(cfg, args)
-    except (StageError, DataError, CheckpointError, NonFiniteLossError) as exc:
+    except (
+        StageError,
+        DataError,
+        CheckpointError,
+        NonFiniteLossError,
+        TrackingUnavailable,
+        RegistryError,
+    ) as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)

@@ -26,7 +26,9 @@ __all__ = [
     "EvaluateConfig",
     "ExportConfig",
     "GenerateConfig",
+    "MlflowConfig",
     "ModelConfig",
+    "ScheduleConfig",
     "TrainConfig",
     "load_params",
     "parse_params",
@@ -116,6 +118,22 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class MlflowConfig:
+    # Track every pipeline run (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project).
+    enabled: bool = True
+    experiment: str = "vae-fashion-mnist"
+    registered_model: str = "vae-fashion-mnist"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    # When the Prefect flow `vae-retrain` runs (pipelines/serve.py, prefect.yaml): a 5-field cron
+    # expression (minute hour day-of-month month day-of-week) in an IANA time zone.
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +141,8 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -250,8 +270,36 @@ def _cross_checks(cfg: Config) -> None:
             "binarized pixels are discrete, so use model.likelihood: 'bernoulli' or "
             "data.binarize: 'none'"
         )
+    for key in ("experiment", "registered_model"):
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):
+            raise ConfigError(
+                f"mlflow.{key}: {getattr(cfg.mlflow, key)!r} is not a valid name; "
+                "expected letters, digits, '.', '_' or '-'"
+            )
     if cfg.data.dataset == "folder" and not cfg.data.folder:
         raise ConfigError("data.folder: required when data.dataset is 'folder'; expected a path")
+    _check_schedule(cfg.schedule)
+
+
+_CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,\-]+$")
+
+
+def _check_schedule(schedule: ScheduleConfig) -> None:
+    fields = schedule.cron.split()
+    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+        raise ConfigError(
+            f"schedule.cron: {schedule.cron!r} is not a cron expression; expected 5 fields "
+            "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'"
+        )
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(schedule.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"schedule.timezone: {schedule.timezone!r} is not a time zone; expected an IANA "
+            "name such as 'UTC' or 'Europe/Berlin'"
+        ) from None
 
 
 def parse_params(raw: Any) -> Config:

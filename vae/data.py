@@ -157,7 +157,7 @@ def find_raw_files(
             getattr(tvd, TORCHVISION[dataset])(root=str(raw_dir / "torchvision"), download=True)
             if files := _idx_in(local[1]):
                 return files, "torchvision download"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure means "not this way"
             error = f" ({type(exc).__name__}: {str(exc)[:200]})"
     names = ", ".join(s + "[.gz]" for s in IDX_FILES.values())
     raise DataError(
@@ -319,7 +319,7 @@ def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         images, labels = obj["images"], obj["labels"]
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever is wrong, name the file
         raise DataError(f"{path}: not a prepared split ({type(exc).__name__}: {exc})") from None
     if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape[0] != images.shape[0]:
         raise DataError(f"{path}: expected uint8 images (N, C, H, W) and N labels")

@@ -1,0 +1,306 @@
+"""MLflow: one run per pipeline run, the registry and its promotion gate, and real consumers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import TINY_PARAMS, write_idx_dataset
+from vae.cli import main
+from vae.mlflow_tracker import flatten_metrics
+from vae.registry import decide_promotion
+
+NAME = "tiny-vae"
+STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def project_env(root: Path, uri: str) -> Iterator[None]:
+    """cwd = root and MLFLOW_TRACKING_URI = uri, restored afterwards."""
+    old_cwd, old_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+def make_project(root: Path, **mlflow: object) -> Path:
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    params["mlflow"].update({"enabled": True, **mlflow})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_idx_dataset(root / "data" / "raw" / "fashion_mnist")
+    return root
+
+
+def run_pipeline(root: Path, uri: str) -> None:
+    with project_env(root, uri):
+        for stage in STAGES:
+            assert main(["-q", stage, *(["--offline"] if stage == "prepare" else [])]) == 0, stage
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = make_project(tmp_path_factory.mktemp("mlflow_local"))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    run_pipeline(root, uri)
+    return root, uri
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _check_run_and_registry(root: Path, uri: str) -> None:
+    client = _client(uri)
+    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "tiny"
+    assert run.info.status == "FINISHED"
+    # every param, flattened from params.yaml
+    from vae.config import load_params
+
+    with project_env(root, uri):
+        flat = load_params().flat()
+    assert run.data.params == {k: str(v) for k, v in flat.items()}
+    for tag in ("git_commit", "dataset_sha256", "device", "torch_version", "vae_version"):
+        assert run.data.tags.get(tag), tag
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert run.data.tags["dataset_sha256"] == manifest["dataset_sha256"]
+    # per-epoch metrics with their step
+    history = client.get_metric_history(run_id, "val_nelbo")
+    assert sorted(m.step for m in history) == [1, 2]
+    # the JSON metrics files and MLflow agree exactly
+    for stage, name in (("train", "train"), ("evaluate", "eval"), ("export", "downstream")):
+        expected = flatten_metrics(json.loads((root / f"metrics/{name}.json").read_text()),
+                                   f"{stage}.")
+        assert expected, stage
+        for key, value in expected.items():
+            assert run.data.metrics[key] == pytest.approx(value, rel=1e-12), key
+    artifacts = {a.path for d in ("train", "evaluate", "generate", "register")
+                 for a in client.list_artifacts(run_id, d)}
+    for path in ("train/train.csv", "evaluate/eval.json", "generate/samples.png",
+                 "generate/latent_2d.png", "register/registry.json"):
+        assert path in artifacts, path
+    # the registered version, its tags and aliases
+    decision = json.loads((root / "metrics/registry.json").read_text())
+    assert decision["promoted"] is True and decision["version"] == 1
+    version = client.get_model_version_by_alias(NAME, "champion")
+    assert str(version.version) == "1" and version.run_id == run_id
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
+    assert version.tags["dataset_sha256"] == manifest["dataset_sha256"]
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    assert float(version.tags["nll_iw"]) == pytest.approx(ev["nll_iw"])
+
+
+def test_local_run_metrics_artifacts_and_registry(local: tuple[Path, str]) -> None:
+    _check_run_and_registry(*local)
+
+
+def test_pyfunc_matches_eager_model(local: tuple[Path, str]) -> None:
+    import mlflow
+
+    from vae.checkpoint import load_model
+    from vae.registry import load_vae
+
+    root, uri = local
+    with project_env(root, uri):
+        mlflow.set_tracking_uri(uri)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        eager, _ = load_model("models/model.pt")
+        torch_model = load_vae(f"models:/{NAME}@champion")
+    images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    with torch.no_grad():
+        mu = eager.encode(torch.from_numpy(images)).mean.numpy()
+        recon = eager.decode(torch.from_numpy(mu)).mean().flatten(1).numpy()
+    np.testing.assert_allclose(pyfunc.predict(images), mu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pyfunc.predict(images.reshape(5, 784)), mu, rtol=1e-5, atol=1e-6)
+    out = pyfunc.predict(images, params={"mode": "reconstruct"})
+    np.testing.assert_allclose(out, recon, rtol=1e-5, atol=1e-6)
+    gen = pyfunc.predict(images[:1], params={"mode": "generate", "n": 7, "seed": 3})
+    assert gen.shape == (7, 784)
+    again = pyfunc.predict(images[:1], params={"mode": "generate", "n": 7, "seed": 3})
+    np.testing.assert_array_equal(gen, again)
+    for name, tensor in eager.state_dict().items():
+        assert torch.equal(torch_model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (np.zeros((2, 10), dtype=np.float32), "is not"),
+        (np.array([["a"] * 784]), "numeric"),
+        (np.full((1, 784), np.nan, dtype=np.float32), "NaN"),
+        (np.full((1, 784), 2.0, dtype=np.float32), r"\[0, 1\]"),
+    ],
+)
+def test_pyfunc_rejects_bad_input(local: tuple[Path, str], bad: np.ndarray, message: str) -> None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    _, uri = local
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+    with pytest.raises(MlflowException, match=message):
+        pyfunc.predict(bad)
+
+
+def test_fresh_process_consumer(local: tuple[Path, str]) -> None:
+    root, uri = local
+    code = (
+        "import mlflow, numpy as np, time; t=time.time();"
+        f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
+        "print(m.predict(np.random.rand(5, 784)).shape)"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"(5, {TINY_PARAMS['model']['latent_dim']})"
+
+
+def test_promotion_gate() -> None:
+    assert decide_promotion(10.0, None, None)[0] is True
+    assert decide_promotion(9.0, 10.0, "1") == (True, "nll_iw 9.000 < champion v1's 10.000 nats")
+    promoted, why = decide_promotion(11.0, 10.0, "1")
+    assert not promoted and "champion stays" in why
+    assert decide_promotion(None, 10.0, "1")[0] is False
+    assert decide_promotion(float("nan"), None, None)[0] is False
+
+
+def test_worse_challenger_leaves_champion(local: tuple[Path, str]) -> None:
+    from vae.checkpoint import load_model
+    from vae.registry import register
+
+    root, uri = local
+    client = _client(uri)
+    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    champion = client.get_model_version_by_alias(NAME, "champion")
+    key = {k: champion.tags[k] for k in ("dataset_sha256", "binarize", "iw_samples",
+                                         "evaluate_seed")}
+    with project_env(root, uri):
+        model, _ = load_model("models/model.pt")
+        worse = register(model, NAME, run_id, {"nll_iw": 1e9}, key, lambda m: 0.0)
+        missing = register(model, NAME, run_id, None, key, lambda m: 0.0)
+    assert worse["promoted"] is False and "champion stays" in worse["reason"]
+    assert missing["promoted"] is False and "evaluation missing" in missing["reason"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == str(
+        missing["version"])
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], health: str, cwd: Path, env: dict) -> Iterator[None]:
+    """Run a server (its own process group) until the block ends; it finds uvicorn on PATH."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _wait_http(health, proc)
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
+    root, uri = local
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    args = [mlflow_bin, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
+            "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with serving(args, f"http://127.0.0.1:{port}/ping", root, env):
+        images = np.random.default_rng(1).random((3, 784)).round(4).tolist()
+        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": images})
+        assert status == 200, body
+        assert np.asarray(body["predictions"]).shape == (3, TINY_PARAMS["model"]["latent_dim"])
+        status, body = _post(f"http://127.0.0.1:{port}/invocations",
+                             {"inputs": [[2.0] * 784]})
+        assert 400 <= status < 500 and "[0, 1]" in body.get("message", ""), body
+
+
+def test_real_tracking_server(tmp_path: Path) -> None:
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{server_dir / 'backend.db'}",
+            "--artifacts-destination", str(server_dir / "artifacts")]
+    root = make_project(tmp_path / "proj")
+    with serving(args, f"{uri}/health", server_dir, dict(os.environ)):
+        run_pipeline(root, uri)
+        _check_run_and_registry(root, uri)
+    assert not (root / "mlruns").exists() and not (root / "mlflow.db").exists()
+
+
+def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.conftest import write_params
+
+    write_params(project / "params.yaml", mlflow={"enabled": True})
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert main(["-q", "prepare", "--offline"]) == 0
+    with project_env(project, uri):
+        start = time.time()
+        assert main(["-q", "train"]) == 1
+        assert time.time() - start < 15
+    err = capsys.readouterr().err
+    assert uri in err and "unreachable" in err
+    assert not (project / "models" / "checkpoint.pt").exists()

@@ -1,0 +1,229 @@
+"""MLflow tracking behind the :class:`vae.tracking.Tracker` protocol.
+
+This is the only module the training path imports mlflow from. One pipeline run is one MLflow
+run: ``vae train`` creates it and writes its id to ``models/mlflow_run.json`` (a DVC-tracked
+file); ``evaluate``, ``export``, ``generate`` and ``register`` read that file and log into the
+same run.
+
+The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server: credentials come from
+``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, never
+from params), else the project's ``sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from vae.config import MlflowConfig
+from vae.io import atomic_write_json, load_json
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "MlflowTracker",
+    "TrackingUnavailable",
+    "check_reachable",
+    "flatten_metrics",
+    "open_run",
+    "tracker_from_run_file",
+    "tracking_uri",
+]
+
+log = logging.getLogger(__name__)
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server cannot be reached."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact(uri: str) -> str:
+    """Hide a password in ``scheme://user:password@host`` before it reaches a log or a tag."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail within seconds, naming the URI, if an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status >= 500:
+                raise TrackingUnavailable(f"{redact(uri)} answered {resp.status}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
+            return  # it answers; /health may just be behind auth or a proxy
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnavailable(
+            f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, fix "
+            f"MLFLOW_TRACKING_URI, or unset it to track locally in {DEFAULT_TRACKING_URI}"
+        ) from None
+
+
+def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of a metrics dict as MLflow metrics; lists become ``key.0``, ..."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (bool, int, float)):
+            flat[name] = float(value)
+        elif isinstance(value, (list, tuple)):
+            flat.update(flatten_metrics({str(i): v for i, v in enumerate(value)}, f"{name}."))
+        elif isinstance(value, dict):
+            flat.update(flatten_metrics(value, f"{name}."))
+    return flat
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MlflowTracker:
+    """Logs into one MLflow run through ``MlflowClient``; never touches global run state.
+
+    A failure of the tracking server mid-run does not stop the work: each failed call is
+    counted, the first error is kept, and :meth:`report` says what was lost and how to re-log.
+    """
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.failures = 0
+        self.first_error: str | None = None
+
+    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+            self.failures += 1
+            if self.first_error is None:
+                self.first_error = f"{what}: {type(exc).__name__}: {str(exc)[:200]}"
+                log.warning("MLflow %s failed (%s); training goes on", what, self.first_error)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._safely(
+                "log_params", self.client.log_batch, self.run_id, params=items[i : i + 100]
+            )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._safely("set_tags", self.client.log_batch, self.run_id, tags=items)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self._safely(
+                "log_metrics", self.client.log_batch, self.run_id, metrics=items[i : i + 1000]
+            )
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._safely(
+            "log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path
+        )
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._safely("set_terminated", self.client.set_terminated, self.run_id, status)
+
+    def report(self) -> str | None:
+        if not self.failures:
+            return None
+        return (
+            f"{self.failures} MLflow call(s) failed for run {self.run_id} (first: "
+            f"{self.first_error}); local outputs are complete. Re-log with `vae log-run` "
+            "once the server is back"
+        )
+
+
+def _client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_run(
+    cfg: MlflowConfig, run_file: Path, params: dict[str, Any], run_name: str | None = None
+) -> MlflowTracker:
+    """Start the pipeline's MLflow run, or reopen the one a killed ``vae train`` left running.
+
+    A run is reused only if it is still RUNNING and logged the same params, so a resumed
+    training run keeps one MLflow run, and a changed config always gets a new one.
+    """
+    uri = tracking_uri()
+    check_reachable(uri)
+    client = _client(uri)
+    exp = client.get_experiment_by_name(cfg.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    run_id = None
+    if run_file.is_file():
+        old = load_json(run_file).get("run_id")
+        if old:
+            try:
+                run = client.get_run(old)
+                same = run.data.params == {k: str(v) for k, v in params.items()}
+                if run.info.status == "RUNNING" and same and run.info.experiment_id == exp_id:
+                    run_id = old
+                    log.info("reopening MLflow run %s", run_id)
+            except Exception:  # noqa: BLE001 - deleted or from another store: start afresh
+                run_id = None
+    if run_id is None:
+        run_id = client.create_run(exp_id, run_name=run_name).info.run_id
+    tracker = MlflowTracker(client, run_id)
+    atomic_write_json(
+        run_file,
+        {
+            "run_id": run_id,
+            "experiment_id": exp_id,
+            "experiment": cfg.experiment,
+            "tracking_uri": redact(uri),
+        },
+    )
+    return tracker
+
+
+def tracker_from_run_file(run_file: Path) -> MlflowTracker | None:
+    """The tracker for the run ``vae train`` started, or None if tracking was off."""
+    if not run_file.is_file():
+        return None
+    run_id = load_json(run_file).get("run_id")
+    if not run_id:
+        return None
+    uri = tracking_uri()
+    check_reachable(uri)
+    return MlflowTracker(_client(uri), run_id)
+
+
+def write_disabled_run_file(run_file: Path) -> None:
+    atomic_write_json(run_file, {"run_id": None})
