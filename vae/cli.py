@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from vae.mlflow_tracker import MlflowTracker
     from vae.model import VAE
+    from vae.train import TrainResult
 
 __all__ = ["main"]
 
@@ -116,24 +117,39 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
+    from vae import distributed
     from vae.data import load_split
-    from vae.io import atomic_write_json, atomic_write_text
     from vae.train import select_device, train
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
-    device = select_device(cfg.train.device)
-    tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
-    log.info("training on %s", device)
-    result = train(
-        cfg,
-        load_split(prepared / "train.pt", device),
-        load_split(prepared / "val.pt", device),
-        out_dir=Path(args.models),
-        tracker=tracker,
-        resume=not args.no_resume,
-        dataset_sha256=manifest["dataset_sha256"],
-    )
+    rank, world, ddp_device = distributed.init_from_env(cfg.train.device)
+    try:
+        device = ddp_device or select_device(cfg.train.device)
+        tracker = None
+        if rank == 0:  # only rank 0 tracks and writes
+            tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+            log.info("training on %s%s", device, f" x {world} processes" if world > 1 else "")
+        result = train(
+            cfg,
+            load_split(prepared / "train.pt", device),
+            load_split(prepared / "val.pt", device),
+            out_dir=Path(args.models),
+            tracker=tracker,
+            resume=not args.no_resume,
+            dataset_sha256=manifest["dataset_sha256"],
+        )
+        if rank == 0:
+            _write_training_outputs(result, args, tracker)
+    finally:
+        distributed.shutdown()
+
+
+def _write_training_outputs(
+    result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
+) -> None:
+    from vae.io import atomic_write_json, atomic_write_text
+
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")

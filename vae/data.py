@@ -332,12 +332,19 @@ def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:
 
 
 def batch_to_float(
-    images: torch.Tensor, binarize: str, generator: torch.Generator | None = None
+    images: torch.Tensor,
+    binarize: str,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float in [0, 1]; ``dynamic`` draws a fresh Bernoulli sample."""
+    """uint8 (B, C, H, W) -> float in [0, 1]; ``dynamic`` draws a fresh Bernoulli sample.
+
+    With ``uniform`` (B, C, H, W) in [0, 1), the sample is ``uniform < pixel``: the caller owns
+    the noise (the training loop draws it for the global batch, so DDP ranks agree).
+    """
     x = images.float().div_(255.0)
     if binarize == "dynamic":
-        x = torch.bernoulli(x, generator=generator)
+        x = torch.bernoulli(x, generator=generator) if uniform is None else (uniform < x).float()
     return x
 
 

@@ -133,9 +133,15 @@ class VAE(nn.Module):
             return BernoulliLikelihood(h)
         return GaussianLikelihood(torch.sigmoid(h), self.decoder_logvar)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
+    ) -> VAEOutput:
+        """Encode, draw z = mean + std * eps (eps from ``generator``, or given), decode."""
         posterior = self.encode(x)
-        z = posterior.sample(generator)
+        z = posterior.sample(generator) if eps is None else posterior.mean + posterior.std * eps
         return VAEOutput(posterior, self.decode(z), z)
 
     @torch.no_grad()

@@ -126,7 +126,9 @@ def train(
 ) -> TrainResult:
     """Train on ``train_split`` (already on the device); keep the best epoch on ``val_split``."""
     tc = cfg.train
-    tracker = tracker or NullTracker()
+    rank, world = _dist_info()
+    main_rank = rank == 0
+    tracker = tracker if (tracker is not None and main_rank) else NullTracker()
     device = train_split.images.device
     n = len(train_split)
     if tc.batch_size > n:
@@ -137,13 +139,19 @@ def train(
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
     torch.manual_seed(tc.seed)
-    model = VAE(cfg.model, tuple(train_split.images.shape[1:])).to(device)
+    image_shape = tuple(train_split.images.shape[1:])
+    model = VAE(cfg.model, image_shape).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
     shuffle_gen = torch.Generator().manual_seed(tc.seed)  # CPU: permutations
     noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)  # binarize + eps
     x_val = float_images(val_split, cfg.data.binarize, tc.seed + 2)
     autocast = _autocast(device, tc.precision)
-    step_fn = torch.compile(model) if tc.compile else model
+    net: torch.nn.Module = model
+    if world > 1:  # gradients are all-reduced; every rank holds the same weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    step_fn = torch.compile(net) if tc.compile else net
 
     ckpt_path = out_dir / "checkpoint.pt"
     history: list[dict[str, float]] = []
@@ -190,7 +198,8 @@ def train(
             log.info("resuming from %s at epoch %d (step %d)", ckpt_path, epoch, step)
 
     n_batches = math.ceil(n / tc.batch_size)
-    show_bar = sys.stderr.isatty()
+    show_bar = sys.stderr.isatty() and main_rank
+    shard = slice(rank, None, world)  # this rank's rows of every global batch
     while epoch < tc.epochs:
         model.train()
         t0 = time.perf_counter()
@@ -199,11 +208,19 @@ def train(
         first_bad = torch.full((), -1, dtype=torch.long, device=device)
         bar = _progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}") if show_bar else None
         for i in range(n_batches):
-            idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]
-            x = batch_to_float(train_split.images[idx], cfg.data.binarize, noise_gen)
+            idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]  # the global batch (B,)
+            # Noise is drawn for the whole global batch and sliced, so N ranks see exactly the
+            # numbers one process would: DDP reproduces the single-process trajectory.
+            b = idx.shape[0]
+            u = None
+            if cfg.data.binarize == "dynamic":
+                u = torch.rand((b, *image_shape), generator=noise_gen, device=device)[shard]
+            eps = torch.randn((b, cfg.model.latent_dim), generator=noise_gen, device=device)
+            idx = idx[shard]
+            x = batch_to_float(train_split.images[idx], cfg.data.binarize, uniform=u)
             w = kl_weight(step, tc.kl_warmup_steps, tc.beta)
             with autocast:
-                terms = negative_elbo(x, step_fn(x, noise_gen), w, tc.free_bits)
+                terms = negative_elbo(x, step_fn(x, eps=eps[shard]), w, tc.free_bits)
             opt.zero_grad(set_to_none=True)
             terms.loss.backward()
             if tc.grad_clip > 0:
@@ -218,6 +235,11 @@ def train(
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if world > 1:  # per-epoch totals over all ranks (one collective per epoch)
+            import torch.distributed as dist
+
+            dist.all_reduce(sums)
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
         if (bad_step := int(first_bad)) >= 0:  # the one sync per epoch
             raise NonFiniteLossError(
                 f"the loss became NaN or inf at step {bad_step} (epoch {epoch + 1}); "
@@ -244,6 +266,8 @@ def train(
                 "epoch": epoch,
                 "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
             }
+        if not main_rank:
+            continue  # only rank 0 writes checkpoints, metrics and tracking records
         atomic_torch_save(
             ckpt_path,
             {
@@ -281,12 +305,17 @@ def train(
 
     model.load_state_dict(best["state"])
     model.eval()
-    save_model(
-        out_dir / "model.pt",
-        model,
-        cfg.data,
-        {"epoch": best["epoch"], "val_nelbo": best["val_loss"], "dataset_sha256": dataset_sha256},
-    )
+    if main_rank:
+        save_model(
+            out_dir / "model.pt",
+            model,
+            cfg.data,
+            {
+                "epoch": best["epoch"],
+                "val_nelbo": best["val_loss"],
+                "dataset_sha256": dataset_sha256,
+            },
+        )
     last = history[-1]
     timed = [r["seconds"] for r in history[1:]] or [history[0]["seconds"]]
     metrics = {
@@ -301,9 +330,18 @@ def train(
         "seconds_per_epoch": sum(timed) / len(timed),
         "train_images_per_second": n / (sum(timed) / len(timed)),
         "device": str(device),
+        "world_size": world,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return TrainResult(model, history, metrics, resumed_from)
+
+
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _progress(total: int, desc: str) -> Any:

@@ -1,0 +1,47 @@
+"""Multi-process training with PyTorch's own engine: ``torchrun --nproc_per_node=N -m vae train``.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; this module turns them into a process group
+(NCCL on GPUs, gloo on CPUs) and the rank's device. The training loop then wraps the model in
+DistributedDataParallel, gives each rank its shard of every global batch of the device-resident
+data, and lets only rank 0 write checkpoints, metrics and MLflow records.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["init_from_env", "is_main_process", "shutdown"]
+
+
+def init_from_env(device_request: str = "auto") -> tuple[int, int, torch.device | None]:
+    """(rank, world_size, device); (0, 1, None) when not launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    wants_cuda = device_request.startswith("cuda") or device_request == "auto"
+    if wants_cuda and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
