@@ -130,3 +130,18 @@ def test_bad_image_folders(tmp_path: Path, setup, message: str) -> None:
     cfg = DataConfig(dataset="folder", folder=str(tmp_path / "imgs"))
     with pytest.raises(DataError, match=message):
         prepare(cfg, tmp_path / "out")
+
+
+def test_changed_raw_files_warn_or_refuse(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    raw = write_idx_dataset(tmp_path / "raw" / "fashion_mnist", n_train=60, n_test=20)
+    out = tmp_path / "out"
+    first = prepare(DataConfig(), out, raw_dir=tmp_path / "raw", download=False)
+    write_idx_dataset(raw, n_train=61, n_test=20)  # the user's copy changed
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DataError, match="train-images-idx3-ubyte, train-labels-idx1-ubyte"):
+        prepare(DataConfig(), out, raw_dir=tmp_path / "raw", download=False, strict=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "refusal changes nothing"
+    with caplog.at_level("WARNING"):
+        second = prepare(DataConfig(), out, raw_dir=tmp_path / "raw", download=False)
+    assert "raw files differ" in caplog.text
+    assert second["dataset_sha256"] != first["dataset_sha256"]

@@ -100,15 +100,24 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
     assert sorted(m.step for m in history) == [1, 2]
     # the JSON metrics files and MLflow agree exactly
     for stage, name in (("train", "train"), ("evaluate", "eval"), ("export", "downstream")):
-        expected = flatten_metrics(json.loads((root / f"metrics/{name}.json").read_text()),
-                                   f"{stage}.")
+        expected = flatten_metrics(
+            json.loads((root / f"metrics/{name}.json").read_text()), f"{stage}."
+        )
         assert expected, stage
         for key, value in expected.items():
             assert run.data.metrics[key] == pytest.approx(value, rel=1e-12), key
-    artifacts = {a.path for d in ("train", "evaluate", "generate", "register")
-                 for a in client.list_artifacts(run_id, d)}
-    for path in ("train/train.csv", "evaluate/eval.json", "generate/samples.png",
-                 "generate/latent_2d.png", "register/registry.json"):
+    artifacts = {
+        a.path
+        for d in ("train", "evaluate", "generate", "register")
+        for a in client.list_artifacts(run_id, d)
+    }
+    for path in (
+        "train/train.csv",
+        "evaluate/eval.json",
+        "generate/samples.png",
+        "generate/latent_2d.png",
+        "register/registry.json",
+    ):
         assert path in artifacts, path
     # the registered version, its tags and aliases
     decision = json.loads((root / "metrics/registry.json").read_text())
@@ -181,8 +190,9 @@ def test_fresh_process_consumer(local: tuple[Path, str]) -> None:
         "print(m.predict(np.random.rand(5, 784)).shape)"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"(5, {TINY_PARAMS['model']['latent_dim']})"
 
@@ -204,8 +214,9 @@ def test_worse_challenger_leaves_champion(local: tuple[Path, str]) -> None:
     client = _client(uri)
     run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
     champion = client.get_model_version_by_alias(NAME, "champion")
-    key = {k: champion.tags[k] for k in ("dataset_sha256", "binarize", "iw_samples",
-                                         "evaluate_seed")}
+    key = {
+        k: champion.tags[k] for k in ("dataset_sha256", "binarize", "iw_samples", "evaluate_seed")
+    }
     with project_env(root, uri):
         model, _ = load_model("models/model.pt")
         worse = register(model, NAME, run_id, {"nll_iw": 1e9}, key, lambda m: 0.0)
@@ -214,7 +225,8 @@ def test_worse_challenger_leaves_champion(local: tuple[Path, str]) -> None:
     assert missing["promoted"] is False and "evaluation missing" in missing["reason"]
     assert client.get_model_version_by_alias(NAME, "champion").version == champion.version
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == str(
-        missing["version"])
+        missing["version"]
+    )
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -230,27 +242,66 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise TimeoutError(url)
 
 
-@contextlib.contextmanager
-def serving(args: list[str], health: str, cwd: Path, env: dict) -> Iterator[None]:
-    """Run a server (its own process group) until the block ends; it finds uvicorn on PATH."""
+def start_server(args: list[str], health: str, cwd: Path, env: dict) -> subprocess.Popen:
+    """Start a server in its own process group (it finds uvicorn on PATH); wait until healthy."""
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_http(health, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], health: str, cwd: Path, env: dict) -> Iterator[None]:
+    proc = start_server(args, health, cwd, env)
+    try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        stop_server(proc)
+
+
+def tracking_server_args(port: int, server_dir: Path) -> list[str]:
+    server_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{server_dir / 'backend.db'}",
+        "--artifacts-destination",
+        str(server_dir / "artifacts"),
+    ]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -263,32 +314,123 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    args = [mlflow_bin, "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager",
-            "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    args = [
+        mlflow_bin,
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     with serving(args, f"http://127.0.0.1:{port}/ping", root, env):
         images = np.random.default_rng(1).random((3, 784)).round(4).tolist()
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": images})
+        url = f"http://127.0.0.1:{port}/invocations"
+        status, body = _post(url, {"inputs": images})
         assert status == 200, body
         assert np.asarray(body["predictions"]).shape == (3, TINY_PARAMS["model"]["latent_dim"])
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"inputs": [[2.0] * 784]})
-        assert 400 <= status < 500 and "[0, 1]" in body.get("message", ""), body
+        status, body = _post(url, {"inputs": images, "params": {"mode": "reconstruct"}})
+        assert status == 200 and np.asarray(body["predictions"]).shape == (3, 784), body
+        for bad, message in (
+            ([[2.0] * 784], "[0, 1]"),
+            ([[0.5] * 10], "is not (N, 784)"),
+            ([["a"] * 784], "numeric"),
+            (images, "params.mode"),
+        ):
+            params = {"mode": "bogus"} if message == "params.mode" else {}
+            status, body = _post(url, {"inputs": bad, "params": params})
+            assert 400 <= status < 500 and message in body.get("message", ""), (message, body)
+
+        # A bounded burst: 200 requests from 8 threads, all answered, all equal to predict().
+        from concurrent.futures import ThreadPoolExecutor
+
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        direct = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
+        rng = np.random.default_rng(2)
+        batches = [rng.random((2, 784)).astype(np.float32) for _ in range(200)]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            answers = list(pool.map(lambda b: _post(url, {"inputs": b.tolist()}), batches))
+        for batch, (status, body) in zip(batches, answers, strict=True):
+            assert status == 200, body
+            np.testing.assert_allclose(
+                body["predictions"], direct.predict(batch), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_real_tracking_server(tmp_path: Path) -> None:
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server_dir = tmp_path / "server"
-    server_dir.mkdir()
-    args = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{server_dir / 'backend.db'}",
-            "--artifacts-destination", str(server_dir / "artifacts")]
     root = make_project(tmp_path / "proj")
-    with serving(args, f"{uri}/health", server_dir, dict(os.environ)):
+    with serving(
+        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
+    ):
         run_pipeline(root, uri)
         _check_run_and_registry(root, uri)
     assert not (root / "mlruns").exists() and not (root / "mlflow.db").exists()
+
+
+def test_server_gone_mid_run_then_relog(tmp_path: Path) -> None:
+    """Training outlives the tracking server, says so, and `vae log-run` re-logs later."""
+    from tests.conftest import write_params
+
+    server_dir = tmp_path / "server"
+    root = make_project(tmp_path / "proj")
+    write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=1500, n_test=50)
+    write_params(
+        root / "params.yaml",
+        train={"epochs": 6, "batch_size": 8},
+        mlflow={"enabled": True, "experiment": "tiny", "registered_model": NAME},
+    )
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    vae = [sys.executable, "-m", "vae", "-q"]
+    assert subprocess.run([*vae, "prepare", "--offline"], cwd=root, env=env).returncode == 0
+    server = start_server(
+        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
+    )
+    proc = subprocess.Popen([*vae, "train"], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        ckpt = root / "models" / "checkpoint.pt"
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        stop_server(server)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "vae log-run" in err and "local outputs are complete" in err
+    assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 6
+    assert torch.load(root / "models/model.pt", weights_only=True)["epoch"] >= 1
+
+    port = free_port()  # the server is back (same store, new port): re-log
+    uri = f"http://127.0.0.1:{port}"
+    with serving(
+        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
+    ):
+        out = subprocess.run(
+            [*vae, "log-run"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env={**env, "MLFLOW_TRACKING_URI": uri},
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+        client = _client(uri)
+        history = client.get_metric_history(run_id, "val_nelbo")
+        assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
+        assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixture) -> None:
@@ -304,3 +446,40 @@ def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixt
     err = capsys.readouterr().err
     assert uri in err and "unreachable" in err
     assert not (project / "models" / "checkpoint.pt").exists()
+
+
+def test_unknown_model_or_alias_is_a_clear_error(local: tuple[Path, str]) -> None:
+    from vae.registry import RegistryError, load_vae
+
+    root, uri = local
+    with project_env(root, uri):
+        with pytest.raises(RegistryError, match="models:/no-such-model@champion"):
+            load_vae("models:/no-such-model@champion")
+        with pytest.raises(RegistryError, match=f"models:/{NAME}@nope"):
+            load_vae(f"models:/{NAME}@nope")
+
+
+def test_registered_model_holds_no_pickle(local: tuple[Path, str]) -> None:
+    import mlflow
+
+    root, uri = local
+    with project_env(root, uri):
+        mlflow.set_tracking_uri(uri)
+        path = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
+    assert "data/vae/weights.safetensors" in files and "data/vae/vae.json" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "vae.pyfunc"
+
+
+def test_credentials_never_reach_logs_or_tags() -> None:
+    from vae.mlflow_tracker import redact
+
+    assert redact("https://alice:s3cret@mlflow.example.com") == (
+        "https://alice:***@mlflow.example.com"
+    )
+    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    text = json.dumps(params).lower()
+    assert not any(word in text for word in ("password", "token", "secret"))

@@ -106,14 +106,20 @@ def _log_stage(
     tracker.log_metrics(flatten_metrics(metrics, f"{stage}."))
     for path in artifacts:
         tracker.log_artifact(path, stage)
-    if problem := tracker.report():
-        log.warning("%s", problem)
+    if stage != "train" and (problem := tracker.report()):
+        log.warning("vae %s: %s", stage, problem)
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import prepare
 
-    prepare(cfg.data, Path(args.out), raw_dir=Path(args.raw), download=not args.offline)
+    prepare(
+        cfg.data,
+        Path(args.out),
+        raw_dir=Path(args.raw),
+        download=not args.offline,
+        strict=args.strict,
+    )
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
@@ -159,6 +165,8 @@ def _write_training_outputs(
     if tracker is not None:
         _log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
         tracker.finish()
+        if problem := tracker.report():
+            log.warning("vae train: %s", problem)
     m = result.metrics
     log.info(
         "best epoch %d: validation -ELBO %.2f nats/image; %.1f s/epoch",
@@ -305,6 +313,35 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     )
 
 
+def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
+    """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
+    from vae.io import load_json
+
+    if not cfg.mlflow.enabled:
+        raise StageError("mlflow.enabled is false; nothing to log")
+    manifest = _check_prepared(cfg, Path(args.data))
+    metrics, plots, reports = Path(args.metrics), Path(args.plots), Path(args.reports)
+    device = load_json(metrics / "train.json").get("device", "unknown")
+    tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+    assert tracker is not None
+    with open(plots / "train.csv") as f:
+        for row in csv.DictReader(f):
+            epoch = int(row.pop("epoch"))
+            tracker.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
+    for stage, name, extra in (
+        ("train", "train.json", [plots / "train.csv"]),
+        ("evaluate", "eval.json", [metrics / "eval.json"]),
+        ("export", "downstream.json", [metrics / "downstream.json"]),
+        ("generate", None, sorted(reports.glob("*.png"))),
+    ):
+        if name is None or (metrics / name).is_file():
+            _log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)
+    tracker.finish()
+    if problem := tracker.report():
+        raise StageError(problem)
+    log.info("logged the local records to MLflow run %s", tracker.run_id)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vae", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -317,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", default="data/raw", help="the project's raw-data folder")
     p.add_argument("--out", default=str(PREPARED))
     p.add_argument("--offline", action="store_true", help="never try torchvision's download")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse raw files whose sha256 differ from the existing manifest",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (resuming from models/checkpoint.pt when it fits)")
@@ -326,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", default=str(PLOTS))
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("log-run", help="re-send local metrics and artifacts to MLflow")
+    for flag, default in (
+        ("--data", PREPARED),
+        ("--models", MODELS),
+        ("--metrics", METRICS),
+        ("--plots", PLOTS),
+        ("--reports", Path("reports")),
+    ):
+        p.add_argument(flag, default=str(default))
+    p.set_defaults(func=cmd_log_run)
 
     for name, func, out, help_ in (
         ("evaluate", cmd_evaluate, None, "test ELBO, importance-weighted log p(x), active units"),

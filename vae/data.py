@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,8 +262,14 @@ def prepare(
     raw_dir: Path = Path("data/raw"),
     system_dirs: tuple[Path, ...] | None = None,
     download: bool = True,
+    strict: bool = False,
 ) -> dict[str, Any]:
-    """Read the raw dataset, hold out validation, write the splits and return the manifest."""
+    """Read the raw dataset, hold out validation, write the splits and return the manifest.
+
+    If ``out_dir`` already holds a manifest whose raw-file sha256 differ from the files read
+    now, the changed files are named in a warning, or, with ``strict``, in a :class:`DataError`
+    before anything is written.
+    """
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.dataset == "folder":
         assert cfg.folder is not None
@@ -292,6 +299,7 @@ def prepare(
             "".join(f"{k}:{v}\n" for k, v in sorted(hashes.items())).encode()
         ).hexdigest(),
     }
+    _check_raw_hashes(out_dir / "manifest.json", manifest["raw_sha256"], strict)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, s in splits.items():
         atomic_torch_save(out_dir / f"{name}.pt", {"images": s.images, "labels": s.labels})
@@ -303,6 +311,22 @@ def prepare(
         ", ".join(f"{k}={len(s)}" for k, s in splits.items()),
     )
     return manifest
+
+
+def _check_raw_hashes(previous: Path, hashes: dict[str, str], strict: bool) -> None:
+    if not previous.is_file():
+        return
+    try:
+        old = json.loads(previous.read_text()).get("raw_sha256", {})
+    except (OSError, ValueError):
+        return  # an unreadable old manifest is simply replaced
+    changed = sorted(k for k in set(old) | set(hashes) if old.get(k) != hashes.get(k))
+    if not changed:
+        return
+    msg = f"{previous}: raw files differ from the ones it was prepared from: {', '.join(changed)}"
+    if strict:
+        raise DataError(msg + "; rerun without --strict to accept the new data")
+    log.warning("%s; preparing from the new files", msg)
 
 
 def binarize_uint8(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

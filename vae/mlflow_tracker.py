@@ -103,8 +103,9 @@ def git_commit(cwd: str | Path = ".") -> str:
 class MlflowTracker:
     """Logs into one MLflow run through ``MlflowClient``; never touches global run state.
 
-    A failure of the tracking server mid-run does not stop the work: each failed call is
-    counted, the first error is kept, and :meth:`report` says what was lost and how to re-log.
+    A failure of the tracking server mid-run does not stop the work: after the first failed
+    call the tracker stops calling (so training never waits on retries again), counts what it
+    skipped, and :meth:`report` says what was lost and how to re-log it.
     """
 
     def __init__(self, client: Any, run_id: str) -> None:
@@ -114,13 +115,17 @@ class MlflowTracker:
         self.first_error: str | None = None
 
     def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.first_error is not None:  # the server is gone: don't wait on it again
+            self.failures += 1
+            return
         try:
             fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never kill training
             self.failures += 1
-            if self.first_error is None:
-                self.first_error = f"{what}: {type(exc).__name__}: {str(exc)[:200]}"
-                log.warning("MLflow %s failed (%s); training goes on", what, self.first_error)
+            self.first_error = f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            log.warning(
+                "MLflow %s failed (%s); the work goes on without tracking", what, self.first_error
+            )
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -161,13 +166,17 @@ class MlflowTracker:
         if not self.failures:
             return None
         return (
-            f"{self.failures} MLflow call(s) failed for run {self.run_id} (first: "
-            f"{self.first_error}); local outputs are complete. Re-log with `vae log-run` "
-            "once the server is back"
+            f"{self.failures} MLflow call(s) failed or were skipped for run {self.run_id} "
+            f"(first: {self.first_error}); the local outputs are complete. Re-log them with "
+            "`vae log-run` once the server is back"
         )
 
 
 def _client(uri: str) -> Any:
+    # Fail over in seconds, not minutes, when a server is down (users can still override).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
