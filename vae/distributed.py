@@ -1,4 +1,4 @@
-"""Multi-process training with PyTorch's own engine: ``torchrun --nproc_per_node=N -m vae train``.
+"""Devices, and multi-process training: ``torchrun --nproc_per_node=N -m vae train``.
 
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; this module turns them into a process group
 (NCCL on GPUs, gloo on CPUs) and the rank's device. The training loop then wraps the model in
@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["init_from_env", "is_main_process", "shutdown"]
+__all__ = ["init_from_env", "is_main_process", "select_device", "shutdown"]
 
 
 def init_from_env(device_request: str = "auto") -> tuple[int, int, torch.device | None]:
@@ -45,3 +45,19 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """cuda, then mps, then cpu; an explicit request that is unavailable is an error."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device: {requested!r} requested but CUDA is not available")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"train.device: {requested!r} requested but MPS is not available")
+    return dev

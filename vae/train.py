@@ -39,7 +39,7 @@ from vae.losses import LossTerms, kl_weight, negative_elbo
 from vae.model import VAE
 from vae.tracking import NullTracker, Tracker
 
-__all__ = ["NonFiniteLossError", "TrainResult", "select_device", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "train"]
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "elbo", "recon", "kl")
@@ -55,22 +55,6 @@ class TrainResult:
     history: list[dict[str, float]]  # one row per epoch
     metrics: dict[str, Any]  # what metrics/train.json holds
     resumed_from: int  # completed epochs found in the checkpoint (0 = fresh)
-
-
-def select_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu; an explicit request that is unavailable is an error."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device: {requested!r} requested but CUDA is not available")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"train.device: {requested!r} requested but MPS is not available")
-    return dev
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:

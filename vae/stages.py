@@ -1,0 +1,340 @@
+"""The stage commands: thin shells over the library, one per DVC stage.
+
+Each reads its inputs, calls one library function and writes its outputs atomically; the MLflow
+run is opened before the stage does any work, so an unreachable server fails it at once. Paths
+follow the layout that dvc.yaml declares; every one can be overridden on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vae.config import Config
+
+if TYPE_CHECKING:
+    import torch
+
+    from vae.mlflow_tracker import MlflowTracker
+    from vae.model import VAE
+    from vae.train import TrainResult
+
+log = logging.getLogger("vae")
+
+PREPARED = Path("data/prepared")
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+RUN_FILE = "mlflow_run.json"  # in models/: the MLflow run id, handed from stage to stage
+
+
+class StageError(RuntimeError):
+    """An expected failure with a one-line explanation (exit code 1)."""
+
+
+def _check_prepared(cfg: Config, prepared: Path) -> dict:
+    from vae.io import load_json
+
+    path = prepared / "manifest.json"
+    if not path.is_file():
+        raise StageError(f"{path}: not found; run `vae prepare` first")
+    manifest = load_json(path)
+    for key in ("dataset", "binarize", "seed", "val_fraction"):
+        if manifest.get(key) != getattr(cfg.data, key):
+            raise StageError(
+                f"{prepared} was prepared with data.{key}: {manifest.get(key)!r} but params say "
+                f"{getattr(cfg.data, key)!r}; run `vae prepare` again"
+            )
+    return manifest
+
+
+def _open_training_run(
+    cfg: Config, run_file: Path, manifest: dict, device: torch.device
+) -> MlflowTracker | None:
+    """Start (or reopen) the pipeline's MLflow run before any training; None if tracking is off."""
+    from vae.mlflow_tracker import git_commit, open_run, write_disabled_run_file
+
+    if not cfg.mlflow.enabled:
+        write_disabled_run_file(run_file)
+        return None
+    import torch
+
+    import vae
+
+    tracker = open_run(cfg.mlflow, run_file, cfg.flat())
+    tracker.log_params(cfg.flat())
+    commit = git_commit()
+    tracker.set_tags(
+        {
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "dataset": cfg.data.dataset,
+            "dataset_sha256": manifest["dataset_sha256"],
+            "device": str(device),
+            "torch_version": str(torch.__version__),
+            "vae_version": vae.__version__,
+        }
+    )
+    return tracker
+
+
+def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
+    """The run ``vae train`` started, opened before the stage does any work."""
+    if not cfg.mlflow.enabled:
+        return None
+    from vae.mlflow_tracker import tracker_from_run_file
+
+    return tracker_from_run_file(Path(args.models) / RUN_FILE)
+
+
+def _log_stage(
+    tracker: MlflowTracker | None, stage: str, metrics: dict, artifacts: Sequence[Path] = ()
+) -> None:
+    """Send the stage's metrics dict (the one written to JSON) and its artifacts to MLflow."""
+    if tracker is None:
+        return
+    from vae.mlflow_tracker import flatten_metrics
+
+    tracker.log_metrics(flatten_metrics(metrics, f"{stage}."))
+    for path in artifacts:
+        tracker.log_artifact(path, stage)
+    if stage != "train" and (problem := tracker.report()):
+        log.warning("vae %s: %s", stage, problem)
+
+
+def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import prepare
+
+    prepare(
+        cfg.data,
+        Path(args.out),
+        raw_dir=Path(args.raw),
+        download=not args.offline,
+        strict=args.strict,
+    )
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
+    from vae import distributed
+    from vae.data import load_split
+    from vae.distributed import select_device
+    from vae.train import train
+
+    prepared = Path(args.data)
+    manifest = _check_prepared(cfg, prepared)
+    rank, world, ddp_device = distributed.init_from_env(cfg.train.device)
+    try:
+        device = ddp_device or select_device(cfg.train.device)
+        tracker = None
+        if rank == 0:  # only rank 0 tracks and writes
+            tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+            log.info("training on %s%s", device, f" x {world} processes" if world > 1 else "")
+        result = train(
+            cfg,
+            load_split(prepared / "train.pt", device),
+            load_split(prepared / "val.pt", device),
+            out_dir=Path(args.models),
+            tracker=tracker,
+            resume=not args.no_resume,
+            dataset_sha256=manifest["dataset_sha256"],
+        )
+        if rank == 0:
+            _write_training_outputs(result, args, tracker)
+    finally:
+        distributed.shutdown()
+
+
+def _write_training_outputs(
+    result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
+) -> None:
+    from vae.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(result.history)
+    atomic_write_text(Path(args.plots) / "train.csv", buf.getvalue())
+    if tracker is not None:
+        _log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
+        tracker.finish()
+        if problem := tracker.report():
+            log.warning("vae train: %s", problem)
+    m = result.metrics
+    log.info(
+        "best epoch %d: validation -ELBO %.2f nats/image; %.1f s/epoch",
+        m["best_epoch"],
+        m["best_val_nelbo"],
+        m["seconds_per_epoch"],
+    )
+
+
+def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, torch.device]:
+    from vae.checkpoint import load_model
+    from vae.distributed import select_device
+
+    device = select_device(cfg.train.device)
+    model, meta = load_model(Path(args.models) / "model.pt", expected=cfg.model, device=device)
+    return model, meta, device
+
+
+def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import float_images, load_split
+    from vae.evaluate import evaluate
+    from vae.io import atomic_write_json
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    model, _, device = _load_trained(cfg, args)
+    test = load_split(prepared / "test.pt", device)
+    metrics = evaluate(
+        model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
+    )
+    atomic_write_json(Path(args.metrics) / "eval.json", metrics)
+    _log_stage(tracker, "evaluate", metrics, [Path(args.metrics) / "eval.json"])
+    log.info(
+        "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
+        -metrics["elbo"],
+        metrics["nll_iw"],
+        metrics["iw_samples"],
+        metrics["elbo_gap"],
+        metrics["active_units"],
+    )
+
+
+def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import load_split
+    from vae.export import export
+    from vae.io import atomic_write_json
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    model, _, device = _load_trained(cfg, args)
+    splits = {
+        name: load_split(prepared / f"{name}.pt", device) for name in ("train", "val", "test")
+    }
+    metrics = export(
+        model, splits, cfg.data.binarize, cfg.export, Path(args.out), seed=cfg.export.seed
+    )
+    atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
+    _log_stage(tracker, "export", metrics, [Path(args.metrics) / "downstream.json"])
+    log.info(
+        "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
+        metrics["linear_probe_accuracy"] or 0.0,
+        metrics["pixel_linear_probe_accuracy"] or 0.0,
+        cfg.export.knn_k,
+        metrics["knn_accuracy"] or 0.0,
+        metrics["pixel_knn_accuracy"] or 0.0,
+    )
+
+
+def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import load_split
+    from vae.generate import generate
+
+    prepared = Path(args.data)
+    manifest = _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    model, _, device = _load_trained(cfg, args)
+    paths = generate(
+        model,
+        load_split(prepared / "test.pt", device),
+        cfg.data.binarize,
+        cfg.generate,
+        Path(args.out),
+        class_names=manifest.get("classes"),
+    )
+    _log_stage(tracker, "generate", {}, [Path(p) for p in paths.values()])
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+
+
+def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.data import float_images, load_split
+    from vae.io import atomic_write_json, load_json
+
+    out = Path(args.metrics) / "registry.json"
+    name = cfg.mlflow.registered_model
+    if not cfg.mlflow.enabled:
+        atomic_write_json(
+            out,
+            {
+                "name": name,
+                "version": None,
+                "promoted": False,
+                "reason": "mlflow.enabled is false; nothing registered",
+            },
+        )
+        log.info("mlflow.enabled is false: not registering")
+        return
+    from vae.evaluate import evaluate
+    from vae.registry import register
+
+    prepared = Path(args.data)
+    manifest = _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    if tracker is None:
+        raise StageError(
+            f"{Path(args.models) / RUN_FILE}: no MLflow run; run `vae train` with "
+            "mlflow.enabled: true first"
+        )
+    model, _, device = _load_trained(cfg, args)
+    eval_path = Path(args.metrics) / "eval.json"
+    eval_metrics = load_json(eval_path) if eval_path.is_file() else None
+    eval_key = {
+        "dataset_sha256": manifest["dataset_sha256"],
+        "binarize": cfg.data.binarize,
+        "iw_samples": str(cfg.evaluate.iw_samples),
+        "evaluate_seed": str(cfg.evaluate.seed),
+    }
+
+    def reevaluate(champion: VAE) -> float:
+        test = load_split(prepared / "test.pt", device)
+        x = float_images(test, cfg.data.binarize, cfg.evaluate.seed)
+        return evaluate(champion.to(device), x, cfg.evaluate)["nll_iw"]
+
+    decision = register(model.cpu(), name, tracker.run_id, eval_metrics, eval_key, reevaluate)
+    atomic_write_json(out, decision)
+    _log_stage(tracker, "register", {k: decision[k] for k in ("version", "promoted")}, [out])
+    log.info(
+        "registered %s v%d; %s: %s",
+        name,
+        decision["version"],
+        "promoted to champion" if decision["promoted"] else "champion unchanged",
+        decision["reason"],
+    )
+
+
+def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
+    """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
+    from vae.io import load_json
+
+    if not cfg.mlflow.enabled:
+        raise StageError("mlflow.enabled is false; nothing to log")
+    manifest = _check_prepared(cfg, Path(args.data))
+    metrics, plots, reports = Path(args.metrics), Path(args.plots), Path(args.reports)
+    device = load_json(metrics / "train.json").get("device", "unknown")
+    tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+    assert tracker is not None
+    with open(plots / "train.csv") as f:
+        for row in csv.DictReader(f):
+            epoch = int(row.pop("epoch"))
+            tracker.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
+    for stage, name, extra in (
+        ("train", "train.json", [plots / "train.csv"]),
+        ("evaluate", "eval.json", [metrics / "eval.json"]),
+        ("export", "downstream.json", [metrics / "downstream.json"]),
+        ("generate", None, sorted(reports.glob("*.png"))),
+    ):
+        if name is None or (metrics / name).is_file():
+            _log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)
+    tracker.finish()
+    if problem := tracker.report():
+        raise StageError(problem)
+    log.info("logged the local records to MLflow run %s", tracker.run_id)
