@@ -117,3 +117,31 @@ def test_sigkill_during_prepare_leaves_no_partial_file(tmp_path: Path) -> None:
                 assert obj["images"].shape[0] == obj["labels"].shape[0]
             else:
                 json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("stage", ["export", "generate"])
+def test_sigkill_during_export_or_generate_leaves_no_partial_file(
+    tmp_path: Path, stage: str
+) -> None:
+    import pandas as pd
+    from PIL import Image
+
+    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist", n_train=2000, n_test=400)
+    write_params(tmp_path / "params.yaml", train={"epochs": 1})
+    for step in ("prepare", "train"):
+        args = ["prepare", "--offline"] if step == "prepare" else [step]
+        assert _vae(tmp_path, *args).wait(timeout=300) == 0
+    out = tmp_path / ("data/embeddings" if stage == "export" else "reports")
+    for delay in (1.0, 1.6, 2.2, 2.8):
+        proc = _vae(tmp_path, stage)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        for path in out.glob("*") if out.exists() else []:
+            if path.name.startswith("."):
+                continue  # a temporary sibling: never read by a stage or DVC
+            if path.suffix == ".parquet":
+                assert len(pd.read_parquet(path)) > 0
+            else:
+                with Image.open(path) as im:
+                    im.load()
