@@ -130,3 +130,13 @@ def test_corrupt_checkpoint_is_a_clear_error(prepared: Path, capsys: pytest.Capt
     assert "corrupt or truncated checkpoint" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="trained with other params"):
         load_model("models/model.pt", expected=ModelConfig(latent_dim=5, hidden_dim=32))
+
+
+def test_changed_training_code_starts_from_scratch(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits = _splits(prepared)
+    train(_cfg(epochs=1), *splits, out_dir=tmp_path)
+    monkeypatch.setattr(vae.train, "code_fingerprint", lambda: "other code")
+    result = train(_cfg(epochs=2), *splits, out_dir=tmp_path)
+    assert result.resumed_from == 0

@@ -64,6 +64,23 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+# The modules whose code decides the numbers a run produces. A checkpoint written by other code
+# is not resumed: under DVC a change here reruns `train`, and it must really retrain.
+_NUMERIC_MODULES = ("train", "model", "losses", "distributions", "data")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of the modules that determine a training run's numbers."""
+    import hashlib
+    import importlib
+
+    h = hashlib.sha256()
+    for name in _NUMERIC_MODULES:
+        module = importlib.import_module(f"vae.{name}")
+        h.update(Path(module.__file__ or "").read_bytes())
+    return h.hexdigest()
+
+
 def _run_params(cfg: Config) -> dict[str, Any]:
     """The params a checkpoint must match to be resumed (hardware knobs excluded)."""
     train = dataclasses.asdict(cfg.train)
@@ -145,7 +162,13 @@ def train(
     resumed_from = 0
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["params"] != _run_params(cfg) or ckpt["dataset_sha256"] != dataset_sha256:
+        if ckpt.get("code_sha256") != code_fingerprint():
+            log.warning(
+                "not resuming %s: the training code changed since it was written; "
+                "starting from scratch",
+                ckpt_path,
+            )
+        elif ckpt["params"] != _run_params(cfg) or ckpt["dataset_sha256"] != dataset_sha256:
             why = (
                 "; ".join(
                     diff_params(ckpt["params"].get(s, {}), _run_params(cfg)[s], s)
@@ -260,6 +283,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "params": _run_params(cfg),
+                "code_sha256": code_fingerprint(),
                 "image_shape": list(model.image_shape),
                 "dataset_sha256": dataset_sha256,
                 "epoch": epoch,
