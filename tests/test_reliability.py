@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,24 @@ def _vae(cwd: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def _kill_repeatedly(
+    root: Path,
+    args: list[str],
+    delays: tuple[float, ...],
+    out: Path,
+    whole: Callable[[Path], None],
+) -> None:
+    """SIGKILL `vae <args>` after each delay; every file then left in ``out`` must be whole."""
+    for delay in delays:
+        proc = _vae(root, *args)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        for path in out.glob("*") if out.exists() else []:
+            if not path.name.startswith("."):  # a temporary sibling is never read by a stage
+                whole(path)
+
+
 def _tiny_slow_project(root: Path) -> Path:
     """Enough steps per epoch (~0.2 s) that a kill lands mid-epoch."""
     write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=1200, n_test=50)
@@ -103,20 +122,21 @@ def test_sigkill_during_train_resumes_to_the_same_result(tmp_path: Path) -> None
 def test_sigkill_during_prepare_leaves_no_partial_file(tmp_path: Path) -> None:
     write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist", n_train=3000, n_test=500)
     write_params(tmp_path / "params.yaml")
-    out = tmp_path / "data" / "prepared"
-    for delay in (0.5, 1.0, 1.5, 2.0):
-        proc = _vae(tmp_path, "prepare", "--offline")
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        for path in out.glob("*") if out.exists() else []:
-            if path.name.startswith("."):
-                continue  # a temporary sibling: never read by a stage or DVC
-            if path.suffix == ".pt":
-                obj = torch.load(path, weights_only=True)
-                assert obj["images"].shape[0] == obj["labels"].shape[0]
-            else:
-                json.loads(path.read_text())
+
+    def whole(path: Path) -> None:
+        if path.suffix == ".pt":
+            obj = torch.load(path, weights_only=True)
+            assert obj["images"].shape[0] == obj["labels"].shape[0]
+        else:
+            json.loads(path.read_text())
+
+    _kill_repeatedly(
+        tmp_path,
+        ["prepare", "--offline"],
+        (0.5, 1.0, 1.5, 2.0),
+        tmp_path / "data" / "prepared",
+        whole,
+    )
 
 
 @pytest.mark.parametrize("stage", ["export", "generate"])
@@ -131,17 +151,13 @@ def test_sigkill_during_export_or_generate_leaves_no_partial_file(
     for step in ("prepare", "train"):
         args = ["prepare", "--offline"] if step == "prepare" else [step]
         assert _vae(tmp_path, *args).wait(timeout=300) == 0
+
+    def whole(path: Path) -> None:
+        if path.suffix == ".parquet":
+            assert len(pd.read_parquet(path)) > 0
+        else:
+            with Image.open(path) as im:
+                im.load()
+
     out = tmp_path / ("data/embeddings" if stage == "export" else "reports")
-    for delay in (1.0, 1.6, 2.2, 2.8):
-        proc = _vae(tmp_path, stage)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        for path in out.glob("*") if out.exists() else []:
-            if path.name.startswith("."):
-                continue  # a temporary sibling: never read by a stage or DVC
-            if path.suffix == ".parquet":
-                assert len(pd.read_parquet(path)) > 0
-            else:
-                with Image.open(path) as im:
-                    im.load()
+    _kill_repeatedly(tmp_path, [stage], (1.0, 1.6, 2.2, 2.8), out, whole)
