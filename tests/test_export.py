@@ -93,16 +93,19 @@ def test_export_parquet_round_trips(tmp_path: Path, binarize: str) -> None:
     assert not list((tmp_path / "emb").glob(".*"))  # no temporary files left behind
 
 
+SCORE_KEYS = (
+    "linear_probe_accuracy",
+    "knn_accuracy",
+    "pixel_linear_probe_accuracy",
+    "pixel_knn_accuracy",
+)
+
+
 def test_export_metrics_keys_and_ranges(tmp_path: Path) -> None:
     model = _model()
     metrics = export(model, _splits(), "none", CFG, tmp_path, pixel_probe_max_rows=25)
     json.dumps(metrics)  # one JSON-serialisable dict
-    for key in (
-        "linear_probe_accuracy",
-        "knn_accuracy",
-        "pixel_linear_probe_accuracy",
-        "pixel_knn_accuracy",
-    ):
+    for key in SCORE_KEYS:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["latent_dim"] == 3 and metrics["knn_k"] == 3
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())

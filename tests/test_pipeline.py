@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.conftest import TINY_PARAMS, write_idx_dataset
 from tests.test_evaluate import KEYS
+from tests.test_export import SCORE_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
@@ -75,12 +76,7 @@ def test_pipeline_outputs(pipeline_repo: Path) -> None:
     assert ev["nll_iw"] <= -ev["elbo"] + 1e-6 and ev["elbo_gap"] >= 0
     assert len(ev["kl_per_dim"]) == TINY_PARAMS["model"]["latent_dim"]
     down = json.loads((root / "metrics/downstream.json").read_text())
-    for key in (
-        "linear_probe_accuracy",
-        "knn_accuracy",
-        "pixel_linear_probe_accuracy",
-        "pixel_knn_accuracy",
-    ):
+    for key in SCORE_KEYS:
         assert 0.0 <= down[key] <= 1.0, key
     d = TINY_PARAMS["model"]["latent_dim"]
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-__all__ = ["init_from_env", "is_main_process", "select_device", "shutdown"]
+__all__ = ["init_from_env", "rank_and_world", "select_device", "shutdown"]
 
 
 def init_from_env(device_request: str = "auto") -> tuple[int, int, torch.device | None]:
@@ -34,10 +34,13 @@ def init_from_env(device_request: str = "auto") -> tuple[int, int, torch.device 
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def is_main_process() -> bool:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world_size) of this process; (0, 1) outside a process group."""
     import torch.distributed as dist
 
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def shutdown() -> None:

@@ -34,6 +34,7 @@ from vae.checkpoint import (
 )
 from vae.config import Config, ConfigError
 from vae.data import Split, batch_to_float, float_images
+from vae.distributed import rank_and_world
 from vae.io import atomic_torch_save
 from vae.losses import LossTerms, kl_weight, negative_elbo
 from vae.model import VAE
@@ -127,7 +128,7 @@ def train(
 ) -> TrainResult:
     """Train on ``train_split`` (already on the device); keep the best epoch on ``val_split``."""
     tc = cfg.train
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     main_rank = rank == 0
     tracker = tracker if (tracker is not None and main_rank) else NullTracker()
     device = train_split.images.device
@@ -343,14 +344,6 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return TrainResult(model, history, metrics, resumed_from)
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _progress(total: int, desc: str) -> Any:
