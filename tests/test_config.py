@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_repo_params_parse_and_match_defaults() -> None:
     cfg = load_params(REPO / "params.yaml")
     assert cfg == Config(), "params.yaml and the dataclass defaults should say the same thing"
-    assert cfg.flat()["train.lr"] == pytest.approx(1e-3)
+    assert cfg.flat()["train.lr"] == pytest.approx(3e-3)
 
 
 def test_config_is_frozen() -> None:
@@ -32,6 +32,7 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
     ("raw", "fragments"),
     [
         ({"train": {"epochs": -1}}, ["train.epochs", "out of range", ">= 1"]),
+        ({"train": {"lr_decay": 1.5}}, ["train.lr_decay", "out of range", "<= 1"]),
         ({"model": {"latent_dim": "abc"}}, ["model.latent_dim", "wrong type", "an integer"]),
         ({"model": {"latent_dim": 0}}, ["model.latent_dim", ">= 1"]),
         ({"train": {"lr": 0}}, ["train.lr", "> 0"]),

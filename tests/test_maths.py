@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from vae.config import ModelConfig
 from vae.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
 from vae.losses import kl_weight, negative_elbo
 from vae.model import VAE
+from vae.train import lr_at
 
 
 def _posterior(seed: int = 0, b: int = 5, d: int = 3) -> DiagonalGaussian:
@@ -88,6 +90,24 @@ def _tiny_model(**overrides: object) -> VAE:
     torch.manual_seed(0)
     cfg = ModelConfig(latent_dim=3, hidden_dim=16, **overrides)  # type: ignore[arg-type]
     return VAE(cfg, (1, 6, 6))
+
+
+def test_lr_schedule_boundaries_and_closed_form() -> None:
+    lr, total = 3e-3, 1000
+    assert [lr_at(s, total, lr, 0.0) for s in (0, 500, 999, 5000)] == [lr] * 4  # constant
+    # decay 0.2: constant over steps 0..800, then lr * (1 + cos(pi * (s - 800) / 200)) / 2
+    assert lr_at(0, total, lr, 0.2) == lr and lr_at(800, total, lr, 0.2) == lr
+    assert lr_at(900, total, lr, 0.2) == pytest.approx(lr / 2)
+    assert lr_at(850, total, lr, 0.2) == pytest.approx(lr * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr_at(1000, total, lr, 0.2) == pytest.approx(0.0, abs=1e-15)
+    assert lr_at(2000, total, lr, 0.2) == pytest.approx(0.0, abs=1e-15)  # never negative
+    # decay 1: the plain cosine schedule from the first step
+    for s in (0, 250, 500, 999):
+        assert lr_at(s, total, lr, 1.0) == pytest.approx(
+            lr * (1 + math.cos(math.pi * s / total)) / 2
+        )
+    rates = [lr_at(s, total, lr, 0.3) for s in range(total + 1)]
+    assert all(a >= b for a, b in itertools.pairwise(rates))  # never rises
 
 
 def test_loss_reduction_rule_sum_pixels_mean_batch() -> None:

@@ -14,7 +14,7 @@ from vae.cli import main
 from vae.config import ConfigError, ModelConfig, load_params, parse_params
 from vae.data import load_split
 from vae.losses import LossTerms
-from vae.train import NonFiniteLossError, train
+from vae.train import NonFiniteLossError, lr_at, train
 
 
 @pytest.fixture
@@ -65,11 +65,25 @@ def test_checkpoint_round_trips_every_tensor(prepared: Path) -> None:
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path) -> None:
-    splits = _splits(prepared)
-    full = train(_cfg(epochs=3), *splits, out_dir=tmp_path / "full")
-    train(_cfg(epochs=1), *splits, out_dir=tmp_path / "cut")
-    resumed = train(_cfg(epochs=3), *splits, out_dir=tmp_path / "cut")
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(epoch: int):
+    def on_epoch_end(row: dict[str, float]) -> None:
+        if row["epoch"] == epoch:
+            raise _Killed  # after the epoch's checkpoint is written, as a SIGKILL there would
+
+    return on_epoch_end
+
+
+@pytest.mark.parametrize("lr_decay", [0.0, 0.5])
+def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, lr_decay: float) -> None:
+    splits, cfg = _splits(prepared), _cfg(epochs=3, lr_decay=lr_decay)
+    full = train(cfg, *splits, out_dir=tmp_path / "full")
+    with pytest.raises(_Killed):
+        train(cfg, *splits, out_dir=tmp_path / "cut", on_epoch_end=_kill_after(1))
+    resumed = train(cfg, *splits, out_dir=tmp_path / "cut")
     assert resumed.resumed_from == 1
     for name, tensor in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], tensor), name
@@ -79,6 +93,35 @@ def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path) -> Non
     b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     for name, tensor in a["model"].items():
         assert torch.equal(b["model"][name], tensor), name
+    # each row records the lr of the epoch's last step, as vae.train.lr_at lays it out
+    total = full.history[-1]["step"]
+    expected = [lr_at(r["step"] - 1, total, cfg.train.lr, lr_decay) for r in full.history]
+    assert [r["lr"] for r in full.history] == pytest.approx(expected)
+    assert (full.history[-1]["lr"] < 0.1 * cfg.train.lr) == (lr_decay > 0)
+
+
+def test_more_epochs_continue_a_constant_lr_run_only(prepared: Path, tmp_path: Path) -> None:
+    splits = _splits(prepared)
+    train(_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
+    grown = train(_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
+    assert grown.resumed_from == 1 and len(grown.history) == 2
+    # a decaying lr is laid out over `epochs`: epoch 1 of a 1-epoch run ended at lr 0
+    train(_cfg(epochs=1, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
+    fresh = train(_cfg(epochs=2, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
+    assert fresh.resumed_from == 0
+
+
+def test_training_flushes_subnormals_and_restores_them(prepared: Path) -> None:
+    tiny = torch.tensor([1e-40])  # a float32 subnormal
+    seen: list[float] = []
+    train(
+        _cfg(epochs=1),
+        *_splits(prepared),
+        out_dir=Path("models"),
+        on_epoch_end=lambda row: seen.append((tiny * 1.0).item()),
+    )
+    assert seen == [0.0]  # flushed while training (Adam's decaying moments are slow otherwise)
+    assert (tiny * 1.0).item() > 0  # the process's default is back
 
 
 def test_changed_params_start_from_scratch(prepared: Path, tmp_path: Path) -> None:
@@ -92,7 +135,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
     prepared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     splits = _splits(prepared)
-    train(_cfg(epochs=1), *splits, out_dir=Path("models"))
+    train(_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=Path("models"))
     good = load_checkpoint("models/checkpoint.pt")
     real = vae.train.negative_elbo
     calls = {"n": 0}
@@ -107,7 +150,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
     monkeypatch.setattr(vae.train, "negative_elbo", poisoned)
     step0 = good["step"]
     with pytest.raises(NonFiniteLossError, match=rf"at step {step0 + 2} \(epoch 2\)"):
-        train(_cfg(epochs=2), *splits, out_dir=Path("models"))
+        train(_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=Path("models"))
     kept = load_checkpoint("models/checkpoint.pt")
     assert kept["epoch"] == 1
     for name, tensor in good["model"].items():

@@ -75,8 +75,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = field(default=30, metadata=_range(ge=1, le=100000))
-    batch_size: int = field(default=128, metadata=_range(ge=1))
-    lr: float = field(default=1e-3, metadata=_range(gt=0.0, le=10.0))
+    batch_size: int = field(default=256, metadata=_range(ge=1))
+    lr: float = field(default=3e-3, metadata=_range(gt=0.0, le=10.0))
+    # The fraction of the run's last steps over which the lr falls (half-cosine) from `lr` to 0;
+    # 0 = constant lr, 1 = cosine over the whole run. Above 0, the schedule is laid out over
+    # `epochs`, so a checkpoint is resumed only with the same `epochs`.
+    lr_decay: float = field(default=0.2, metadata=_range(ge=0.0, le=1.0))
     beta: float = field(default=1.0, metadata=_range(ge=0.0))
     # The KL weight rises linearly from 0 to `beta` over this many optimiser steps (0 = off).
     kl_warmup_steps: int = field(default=0, metadata=_range(ge=0))

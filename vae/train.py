@@ -40,7 +40,7 @@ from vae.losses import LossTerms, kl_weight, negative_elbo
 from vae.model import VAE
 from vae.tracking import NullTracker, Tracker
 
-__all__ = ["NonFiniteLossError", "TrainResult", "train"]
+__all__ = ["NonFiniteLossError", "TrainResult", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "elbo", "recon", "kl")
@@ -56,6 +56,20 @@ class TrainResult:
     history: list[dict[str, float]]  # one row per epoch
     metrics: dict[str, Any]  # what metrics/train.json holds
     resumed_from: int  # completed epochs found in the checkpoint (0 = fresh)
+
+
+def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of a ``total_steps`` run.
+
+    Constant ``lr`` for the first ``1 - decay`` of the steps, then a half-cosine down to 0 over
+    the last ``decay`` of them (``decay=1`` is the cosine schedule of Loshchilov & Hutter 2017,
+    without restarts; ``decay=0`` is a constant lr).
+    """
+    tail = decay * total_steps
+    into = step - (total_steps - tail)
+    if tail <= 0 or into <= 0:
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(into / tail, 1.0)))
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -85,7 +99,9 @@ def code_fingerprint() -> str:
 def _run_params(cfg: Config) -> dict[str, Any]:
     """The params a checkpoint must match to be resumed (hardware knobs excluded)."""
     train = dataclasses.asdict(cfg.train)
-    for k in ("epochs", "device", "precision", "compile", "num_threads"):
+    # Growing `epochs` continues a constant-lr run; a decaying lr is laid out over `epochs`.
+    hardware = ("device", "precision", "compile", "num_threads")
+    for k in hardware if cfg.train.lr_decay > 0 else ("epochs", *hardware):
         train.pop(k)
     return {
         "data": dataclasses.asdict(cfg.data),
@@ -116,6 +132,23 @@ def evaluate_elbo(
     return LossTerms(*(sums / x_all.shape[0]))
 
 
+@contextlib.contextmanager
+def _flush_denormals(device: torch.device) -> Any:
+    """Treat subnormal floats as zero on the CPU while training, then restore the default.
+
+    Adam's moment estimates of weights that never get a gradient (those of the always-black
+    border pixels) decay geometrically into the subnormal range after a few hundred steps, and
+    x86 arithmetic on subnormals is many times slower: without this, epochs 3 onwards of the
+    default run were 25% slower. The values lost are below 1.2e-38.
+    """
+    enabled = device.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)
+
+
 def train(
     cfg: Config,
     train_split: Split,
@@ -126,7 +159,27 @@ def train(
     dataset_sha256: str = "",
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train on ``train_split`` (already on the device); keep the best epoch on ``val_split``."""
+    """Train on ``train_split`` (already on the device); keep the best epoch on ``val_split``.
+
+    Resumes from ``out_dir/checkpoint.pt`` when ``resume`` and its params match; reports each
+    epoch's row to ``tracker`` and ``on_epoch_end``; writes ``out_dir/model.pt`` (best epoch).
+    """
+    with _flush_denormals(train_split.images.device):
+        return _train(
+            cfg, train_split, val_split, out_dir, tracker, resume, dataset_sha256, on_epoch_end
+        )
+
+
+def _train(
+    cfg: Config,
+    train_split: Split,
+    val_split: Split,
+    out_dir: Path,
+    tracker: Tracker | None,
+    resume: bool,
+    dataset_sha256: str,
+    on_epoch_end: Callable[[dict[str, float]], None] | None,
+) -> TrainResult:
     tc = cfg.train
     rank, world = rank_and_world()
     main_rank = rank == 0
@@ -207,6 +260,7 @@ def train(
             log.info("resuming from %s at epoch %d (step %d)", ckpt_path, epoch, step)
 
     n_batches = math.ceil(n / tc.batch_size)
+    total_steps = n_batches * tc.epochs
     show_bar = sys.stderr.isatty() and main_rank
     shard = slice(rank, None, world)  # this rank's rows of every global batch
     while epoch < tc.epochs:
@@ -228,6 +282,9 @@ def train(
             idx = idx[shard]
             x = batch_to_float(train_split.images[idx], cfg.data.binarize, uniform=u)
             w = kl_weight(step, tc.kl_warmup_steps, tc.beta)
+            if tc.lr_decay > 0:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total_steps, tc.lr, tc.lr_decay)
             with autocast:
                 terms = negative_elbo(x, step_fn(x, eps=eps[shard]), w, tc.free_bits)
             opt.zero_grad(set_to_none=True)
@@ -263,6 +320,7 @@ def train(
             "epoch": epoch,
             "step": step,
             "kl_weight": kl_weight(step, tc.kl_warmup_steps, tc.beta),
+            "lr": opt.param_groups[0]["lr"],
         }
         row.update({f"train_{k}": v for k, v in zip(TERMS, train_terms, strict=True)})
         row.update({f"val_{k}": float(v) for k, v in zip(TERMS, val, strict=True)})
