@@ -370,11 +370,11 @@ def _own_cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _unpack_raw(tmp: Path) -> Path:
+def _unpack_raw(tmp: Path, raw_root: Path) -> Path:
     """The raw IDX files, unpacked where torchvision's FashionMNIST(download=False) reads them."""
     from vae.data import find_raw_files
 
-    files, _ = find_raw_files("fashion_mnist", ROOT / "data" / "raw", download=False)
+    files, _ = find_raw_files("fashion_mnist", raw_root, download=False)
     raw = tmp / "torchvision" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for path in files.values():
@@ -503,7 +503,7 @@ def run_rows(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     epochs = 1 + (1 if args.quick else args.epochs)
     n_eval = 100 if args.quick else args.eval_images
     data = Path(args.data).resolve()
-    tv_root = _unpack_raw(tmp)
+    tv_root = _unpack_raw(tmp, Path(args.raw))
     base = {"device": args.device, "data": str(data), "n_train": 6400 if args.quick else 10**9}
     base["seed"] = 0
     indices = _train_indices(data, tv_root, tmp)
@@ -606,6 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 6400 images, 1 + 1 epochs")
     p.add_argument("--eval-images", type=int, default=1000, help="test images for (e)")
     p.add_argument("--data", default=str(ROOT / "data" / "prepared"))
+    p.add_argument(
+        "--raw",
+        default=str(ROOT / "data" / "raw"),
+        help="where `vae prepare` looks first for the raw IDX files (then Debian's copy)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -161,7 +161,8 @@ def vae_retrain(force: bool = False, epochs: int | None = None, root: str = ".")
 
     ``epochs`` overrides ``train.epochs`` the way ``dvc exp run -S train.epochs=N`` does: it is
     written to ``params.yaml`` (visible in ``git diff`` and recorded in ``dvc.lock``), so DVC
-    reruns ``train``, which resumes from its checkpoint when only the epoch count was raised.
+    reruns ``train``. That resumes from its checkpoint when only the epoch count was raised and
+    the lr is constant (``train.lr_decay: 0``); a decaying lr spans the epochs, so it retrains.
     """
     logger = get_run_logger()
     root = str(Path(root).resolve())

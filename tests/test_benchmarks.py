@@ -1,0 +1,53 @@
+"""The benchmark scripts run end to end (on tiny data); their figures are not checked here.
+
+Speed targets are measured by ``benchmarks/throughput.py`` on a real machine, not asserted in
+tests: this only keeps the scripts from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import write_idx_dataset, write_params
+from vae.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd}/m.db"}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_throughput_and_profile_scripts_run(project: Path) -> None:
+    # 400 images, so the default batch of 256 fits the train split; the default data params,
+    # which row (d), the `vae train` command on the default params, checks the data against
+    write_idx_dataset(project / "data" / "raw" / "fashion_mnist", n_train=400, n_test=50)
+    write_params(project / "params.yaml", data={"val_fraction": 0.1})
+    assert main(["-q", "prepare", "--offline"]) == 0
+    data, raw = project / "data" / "prepared", project / "data" / "raw"
+
+    out = project / "results.json"
+    bench = ROOT / "benchmarks" / "throughput.py"
+    args = [str(bench), "--quick", "--data", str(data), "--raw", str(raw), "--out", str(out)]
+    proc = _run([*args, "--eval-images", "20"], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    assert set(rows) == {"a", "b", "c", "d", "e100", "e1000"}
+    assert all(r["ok"] for r in rows.values())
+    assert set(results["ratios"]) == {"b_over_a", "c_over_a"}
+    for name in ("a", "b", "c"):  # 1 warm-up + 1 timed epoch, each with a finite -ELBO
+        assert len(rows[name]["val_nelbo"]) == 2 and 0 < rows[name]["final_val_nelbo"] < 1e4
+    assert "| (c) vae.train, default params |" in proc.stdout
+
+    profile = ROOT / "benchmarks" / "profile_train.py"
+    proc = _run([str(profile), "--params", "params.yaml", "--data", str(data)], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aten::addmm" in proc.stdout and "of CPU self time = GEMM" in proc.stdout
