@@ -6,14 +6,18 @@ so DVC keeps its caching and ``dvc.lock`` and Prefect shows every stage's state,
 log. DVC locks the workspace, so stages run one at a time.
 
 Only the tasks that touch data or services are retried (``prepare`` reads or downloads raw
-data; ``register`` and the registry queries talk to MLflow). ``train`` is never retried
-blindly: a rerun resumes from ``models/checkpoint.pt`` by itself.
+data; ``register`` and the registry queries talk to MLflow), and only for failures a retry can
+fix: a stage whose ``vae`` command exited with 1 (bad data, a corrupt checkpoint, ...) or 2 (a
+bad param) fails at once; 75 (a service or download out of reach), 70 (an unexpected
+exception) or a DVC failure of its own are retried (see ``vae/cli.py`` for the codes). ``train``
+is never retried blindly: a rerun resumes from ``models/checkpoint.pt`` by itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from collections import deque
@@ -25,11 +29,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.locking import registry_lock
+from vae.cli import EXIT_ERROR, EXIT_USAGE
 from vae.config import ConfigError, load_params, parse_params
 from vae.io import load_json
 from vae.mlflow_tracker import DEFAULT_TRACKING_URI, tracking_uri
 
 __all__ = [
+    "StageFailed",
     "project_env",
     "project_tracking_uri",
     "read_versions",
@@ -41,7 +47,34 @@ __all__ = [
 
 PREPARE, REGISTER = "prepare", "register"  # the stages the retraining gate is built around
 IO_STAGES = frozenset({PREPARE, REGISTER})
-RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60]}
+# `vae` exit codes that no retry can fix (vae/cli.py)
+PERMANENT_EXIT_CODES = frozenset({EXIT_ERROR, EXIT_USAGE})
+
+
+class StageFailed(RuntimeError):
+    """``dvc repro`` of one stage failed; ``exit_code`` is its command's (None: DVC's own)."""
+
+    def __init__(self, stage: str, exit_code: int | None, tail: str) -> None:
+        code = "DVC itself failed" if exit_code is None else f"its command exited with {exit_code}"
+        super().__init__(f"stage {stage!r} failed: {code}:\n{tail}")
+        self.stage, self.exit_code = stage, exit_code
+
+    @property
+    def retryable(self) -> bool:
+        return self.exit_code not in PERMANENT_EXIT_CODES
+
+
+def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: no retries for a stage that failed for good."""
+    exc = state.data
+    return not (isinstance(exc, StageFailed) and not exc.retryable)
+
+
+RETRIES: dict[str, Any] = {
+    "retries": 2,
+    "retry_delay_seconds": [10, 60],
+    "retry_condition_fn": _retry_if_transient,
+}
 REPORT_KEY = "vae-retrain-report"
 METRICS = ("nll_iw", "elbo", "recon", "kl", "elbo_gap", "bits_per_dim", "active_units")
 
@@ -103,9 +136,9 @@ def run_stage(stage: str, root: str, lock: str | None = None) -> bool:
                     tail.append(line)
                     ran = ran or f"Running stage '{stage}'" in line
         if proc.returncode:
-            raise RuntimeError(
-                f"dvc repro -s {stage} exited with {proc.returncode}:\n" + "\n".join(tail)
-            )
+            # DVC ends with "failed to run: <cmd>, exited with N" when the stage's command failed
+            found = re.findall(r"exited with (-?\d+)", "\n".join(tail))
+            raise StageFailed(stage, int(found[-1]) if found else None, "\n".join(tail))
     return ran
 
 

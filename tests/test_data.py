@@ -9,7 +9,7 @@ from PIL import Image
 
 from tests.conftest import idx_bytes, write_idx_dataset
 from vae.config import DataConfig
-from vae.data import DataError, find_raw_files, load_split, prepare, read_idx
+from vae.data import DataError, DataUnavailable, find_raw_files, load_split, prepare, read_idx
 
 
 def test_idx_round_trip(tmp_path: Path) -> None:
@@ -75,8 +75,11 @@ def test_failed_download_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    with pytest.raises(DataError, match="no network"):
+    with pytest.raises(DataUnavailable, match="no network"):  # may work later: retryable
         find_raw_files("fashion_mnist", tmp_path / "raw", (), download=True)
+    with pytest.raises(DataError) as info:  # nothing was fetched: not worth a retry
+        find_raw_files("fashion_mnist", tmp_path / "raw", (), download=False)
+    assert not isinstance(info.value, DataUnavailable)
 
 
 @pytest.mark.parametrize("binarize", ["dynamic", "static", "none"])

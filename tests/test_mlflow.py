@@ -441,7 +441,7 @@ def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixt
     assert main(["-q", "prepare", "--offline"]) == 0
     with project_env(project, uri):
         start = time.time()
-        assert main(["-q", "train"]) == 1
+        assert main(["-q", "train"]) == 75  # EX_TEMPFAIL: a later retry may work
         assert time.time() - start < 15
     err = capsys.readouterr().err
     assert uri in err and "unreachable" in err

@@ -116,6 +116,34 @@ def _client() -> Any:
     return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
 
 
+def test_stage_retries_only_what_a_retry_can_fix(prefect_server: None, tmp_path: Path) -> None:
+    from prefect import flow
+
+    from pipelines.flows import RETRIES, StageFailed, run_stage
+
+    # each stage counts its attempts in a file, then exits with the code a `vae` command would
+    stages = {
+        name: {"cmd": f"sh -c 'echo x >> {name}.attempts; exit {code}'"}
+        for name, code in (("bad_data", 1), ("bad_param", 2), ("server_down", 75), ("bug", 70))
+    }
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    _run(tmp_path, "git", "init", "-q")
+    _run(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    task = run_stage.with_options(**{**RETRIES, "retry_delay_seconds": 0})
+
+    @flow
+    def one_stage(stage: str) -> Any:
+        state = task(stage, str(tmp_path), return_state=True)
+        return state.is_failed(), state.result(raise_on_failure=False)
+
+    for stage, code, attempts in (("bad_data", 1, 1), ("bad_param", 2, 1), ("server_down", 75, 3)):
+        failed, exc = one_stage(stage)
+        assert failed and isinstance(exc, StageFailed) and exc.exit_code == code, exc
+        assert exc.retryable == (attempts > 1)
+        assert (tmp_path / f"{stage}.attempts").read_text().count("x") == attempts, stage
+    assert StageFailed("bug", 70, "").retryable and StageFailed("x", None, "").retryable
+
+
 # --- one definition of the stage graph, the schedule and the deployments ---------------------
 
 

@@ -161,3 +161,24 @@ def test_sigkill_during_export_or_generate_leaves_no_partial_file(
 
     out = tmp_path / ("data/embeddings" if stage == "export" else "reports")
     _kill_repeatedly(tmp_path, [stage], (1.0, 1.6, 2.2, 2.8), out, whole)
+
+
+def test_unexpected_exception_exits_70_with_its_traceback(
+    project: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import vae.cli
+
+    def broken(cfg: object, args: object) -> None:
+        raise ZeroDivisionError("a bug, not bad input")
+
+    monkeypatch.setattr(vae.cli, "cmd_prepare", broken)
+    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare", "--offline"])
+    with pytest.raises(SystemExit) as info:
+        vae.cli.run()
+    assert info.value.code == vae.cli.EXIT_SOFTWARE == 70  # retryable, unlike 1 and 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug, not bad input" in err
+    monkeypatch.setattr(sys, "argv", ["vae", "-q", "train", "--data", "nowhere"])
+    with pytest.raises(SystemExit) as info:  # an expected failure: one line, code 1
+        vae.cli.run()
+    assert info.value.code == 1 and "Traceback" not in capsys.readouterr().err

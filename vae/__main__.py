@@ -1,5 +1,3 @@
-import sys
+from vae.cli import run
 
-from vae.cli import main
-
-sys.exit(main())
+run()

@@ -1,7 +1,14 @@
 """``vae <stage>``: the command line. Parsing and error handling only; see vae/stages.py.
 
-Each command reads params.yaml once (a bad value exits with code 2 before any work); an expected
-failure (bad data, a corrupt checkpoint, an unreachable server) exits with code 1 and one line.
+Each command reads params.yaml once (a bad value exits with code 2 before any work). Exit codes,
+so that a scheduler can tell what is worth retrying (``pipelines/flows.py`` does):
+
+- 0: done;
+- 1: an expected failure that a retry cannot fix (bad data, a corrupt checkpoint, a NaN loss,
+  an unknown registered model), with one line saying what and where;
+- 2: a bad param or argument, before any work;
+- 75 (``EX_TEMPFAIL``): a service or download could not be reached; a later retry may work;
+- 70 (``EX_SOFTWARE``, from the ``vae`` command): an unexpected exception, with its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,7 +36,17 @@ from vae.stages import (
     cmd_train,
 )
 
-__all__ = ["build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_SOFTWARE",
+    "EXIT_TEMPFAIL",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+    "run",
+]
+
+EXIT_ERROR, EXIT_USAGE, EXIT_SOFTWARE, EXIT_TEMPFAIL = 1, 2, 70, 75
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,27 +120,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_params(args.params)
     except ConfigError as exc:
         print(f"vae: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     func: Callable[[Config, argparse.Namespace], None] = args.func
     from vae.checkpoint import CheckpointError
-    from vae.data import DataError
+    from vae.data import DataError, DataUnavailable
     from vae.mlflow_tracker import TrackingUnavailable
     from vae.registry import RegistryError
     from vae.train import NonFiniteLossError
 
     try:
         func(cfg, args)
-    except (
-        StageError,
-        DataError,
-        CheckpointError,
-        NonFiniteLossError,
-        TrackingUnavailable,
-        RegistryError,
-    ) as exc:
+    except (TrackingUnavailable, DataUnavailable) as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_TEMPFAIL
+    except (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError) as exc:
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     return 0
+
+
+def run() -> None:
+    """The ``vae`` command: :func:`main`, with an unexpected exception as exit code 70."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:  # noqa: BLE001 - reported in full; the code says "not a known failure"
+        traceback.print_exc()
+        code = EXIT_SOFTWARE
+    sys.exit(code)

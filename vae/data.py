@@ -29,6 +29,7 @@ from vae.io import atomic_torch_save, atomic_write_json
 
 __all__ = [
     "DataError",
+    "DataUnavailable",
     "Split",
     "SYSTEM_DIRS",
     "batch_to_float",
@@ -73,6 +74,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 class DataError(RuntimeError):
     """A dataset problem, with a message that names the file."""
+
+
+class DataUnavailable(DataError):
+    """No source had the raw files and the download failed: trying again later may work."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,7 @@ def find_raw_files(
         except Exception as exc:  # noqa: BLE001 - any failure means "not this way"
             error = f" ({type(exc).__name__}: {str(exc)[:200]})"
     names = ", ".join(s + "[.gz]" for s in IDX_FILES.values())
-    raise DataError(
+    raise (DataUnavailable if error else DataError)(
         f"{dataset}: raw files not found. Tried (1) the project copy in {local[0]}/ "
         f"(put {names} there, or run `dvc pull`); (2) the Debian copy in "
         f"{', '.join(map(str, system_dirs)) or '(none)'} "
