@@ -44,5 +44,6 @@ dataset:
 lint: install
 	ruff check . && ruff format --check .
 
-bench: install
+bench: install dataset
+	dvc repro prepare
 	python benchmarks/throughput.py

@@ -50,6 +50,8 @@ def main() -> None:
     from vae.distributed import select_device
     from vae.train import train
 
+    if not (Path(args.data) / "manifest.json").exists():
+        p.error(f"--data {args.data}: no prepared data; run `dvc repro prepare` first")
     params = yaml.safe_load(Path(args.params).read_text()) or {}
     for assignment in args.overrides:
         _override(params, assignment)

@@ -620,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--device {args.device}: CUDA is not available")
     if args.epochs < 1 or args.repeats < 1:
         p.error("--epochs and --repeats: expected at least 1")
+    if not (Path(args.data) / "manifest.json").exists():
+        p.error(f"--data {args.data}: no prepared data; run `dvc repro prepare` (or `make bench`)")
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="vae-bench-") as tmp:
