@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from vae.cli import main
-from vae.config import Config, ConfigError, load_params, parse_params
+from vae.config import Config, ConfigError, ModelConfig, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,3 +75,10 @@ def test_cli_exits_2_with_one_line_before_any_work(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.epochs" in err
     assert not (project / "data" / "prepared").exists(), "no work may start on bad params"
+
+
+def test_saved_model_config_keeps_its_old_meaning() -> None:
+    old = {"arch": "mlp", "latent_dim": 4, "hidden_dim": 32}  # written before `activation`
+    assert ModelConfig.from_saved(old).activation == "relu"
+    assert ModelConfig.from_saved({**old, "activation": "silu"}).activation == "silu"
+    assert ModelConfig().activation == "leaky_relu"  # the default for new models

@@ -148,6 +148,8 @@ def test_free_bits_floor_each_dimension() -> None:
         {"arch": "conv", "conv_channels": 4},
         {"likelihood": "gaussian"},
         {"likelihood": "gaussian", "gaussian_variance": "shared"},
+        {"activation": "relu"},
+        {"activation": "silu", "arch": "conv", "conv_channels": 4},
     ],
 )
 def test_model_shapes_and_generation(overrides: dict) -> None:

@@ -191,3 +191,13 @@ def test_compiled_training_matches_eager(prepared: Path, tmp_path: Path) -> None
     compiled = train(_cfg(epochs=1, compile=True), *splits, out_dir=tmp_path / "compiled")
     for key in ("train_loss", "val_nelbo", "val_kl"):  # inductor fuses ops: not bit-identical
         assert compiled.history[0][key] == pytest.approx(eager.history[0][key], rel=1e-3), key
+
+
+def test_a_model_saved_before_activation_existed_loads_as_relu(prepared: Path) -> None:
+    train(_cfg(epochs=1), *_splits(prepared), out_dir=Path("models"))
+    obj = torch.load("models/model.pt", weights_only=True)
+    assert obj["params"]["model"].pop("activation") == "leaky_relu"  # as an older vae saved it
+    torch.save(obj, "models/old.pt")
+    model, _ = load_model("models/old.pt")
+    assert model.cfg.activation == "relu"  # what every model was trained with back then
+    assert isinstance(model.encoder.net[2], torch.nn.ReLU)

@@ -76,7 +76,7 @@ def load_model(
     """
     obj = _load(Path(path), MODEL_FORMAT)
     try:
-        cfg = ModelConfig(**obj["params"]["model"])
+        cfg = ModelConfig.from_saved(obj["params"]["model"])
     except (TypeError, KeyError) as exc:
         raise CheckpointError(f"{path}: unreadable model params ({exc})") from None
     if expected is not None and cfg != expected:

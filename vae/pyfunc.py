@@ -51,7 +51,7 @@ def load_vae_dir(path: str | Path, device: str | torch.device = "cpu") -> VAE:
 
     path = Path(path)
     meta = json.loads((path / META).read_text())
-    model = VAE(ModelConfig(**meta["model"]), tuple(meta["image_shape"]))
+    model = VAE(ModelConfig.from_saved(meta["model"]), tuple(meta["image_shape"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
     return model.to(device).eval()
 
