@@ -9,7 +9,10 @@ Run it from the project root, after ``vae prepare`` has written ``data/prepared/
 It trains ``--epochs`` epochs (default 2) of the params in ``params.yaml`` (with the ``-S``
 overrides, MLflow off) and profiles the last one only, so start-up and the first epoch's
 warm-up are left out. It prints the operators that took the most self time, then one line that
-splits the epoch into matrix products, the Adam step and everything else, per optimiser step.
+splits the epoch into matrix products, the Adam step and everything else, per optimiser step,
+and one line on the trained model's health: how many of Adam's first moments have decayed below
+the smallest normal float (subnormal, where x86 arithmetic is slow, or flushed to 0) and how
+many encoder units fire for no training image.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ def main() -> None:
             cfg, train_split, val_split, Path(out), resume=False, on_epoch_end=on_epoch_end
         )
         prof.stop()
+        health = _model_health(Path(out) / "checkpoint.pt", train_split)
 
     steps = result.history[-1]["step"] - (result.history[-2]["step"] if args.epochs > 1 else 0)
     events = prof.key_averages()
@@ -100,6 +104,41 @@ def main() -> None:
         f"{steps} steps, batch {cfg.train.batch_size}, {device}: per step "
         f"{total / steps / 1e3:.2f} ms of CPU self time = GEMM {ms(gemm)} + Adam {ms(adam)} "
         f"+ the rest {ms(rest)}"
+    )
+    print(health)
+
+
+def _model_health(checkpoint: Path, train_split: Any) -> str:
+    """Subnormal Adam moments (slow on x86) and encoder units that fire for no image."""
+    import torch
+
+    from vae.checkpoint import load_checkpoint
+    from vae.data import batch_to_float
+    from vae.model import VAE
+
+    ckpt = load_checkpoint(checkpoint)
+    tiny = torch.finfo(torch.float32).tiny
+    moments = [
+        t for st in ckpt["optimizer"]["state"].values() for k, t in st.items() if k == "exp_avg"
+    ]
+    # below the smallest normal float: subnormal, or 0 where training flushed subnormals
+    vanished = sum(int((t.abs() < tiny).sum()) for t in moments)
+    total = sum(t.numel() for t in moments)
+    from vae.config import ModelConfig
+
+    model = VAE(ModelConfig.from_saved(ckpt["params"]["model"]), tuple(ckpt["image_shape"]))
+    model.load_state_dict(ckpt["model"])
+    x = batch_to_float(train_split.images[:5000].cpu(), "none")
+    with torch.no_grad():  # the encoder's first hidden layer, before its activation
+        first = next(m for m in model.encoder.net if isinstance(m, torch.nn.Linear))
+        pre = first(x.flatten(1)) if model.cfg.arch == "mlp" else None
+    dead = (
+        "n/a (conv)" if pre is None else f"{int((pre.max(0).values <= 0).sum())} of {pre.shape[1]}"
+    )
+    return (
+        f"after {ckpt['epoch']} epochs: {vanished:,} of {total:,} Adam first moments below "
+        f"{tiny:.1e} (weights with no gradient); encoder units positive for none of "
+        f"{x.shape[0]} training images: {dead}"
     )
 
 

@@ -8,8 +8,8 @@ latent units actively (``active_units`` in metrics/eval.json reports it), so 32 
 without wasting compute; unused dimensions collapse to the prior and cost nothing in nats.
 
 The hidden layers use leaky ReLU (slope 0.1) by default (``model.activation``). With plain
-ReLU most encoder units stop firing for every input early in training and never recover: 201
-of 400 after 4 epochs of the classic recipe, 331 of 400 with batch 256 and Adam 3e-3. Leaky
+ReLU most encoder units stop firing for every input early in training and never recover: 189
+of 400 after 4 epochs of the classic recipe, 325 of 400 with batch 256 and Adam 3e-3. Leaky
 ReLU costs the same and reached a better -ELBO (about 0.8 nats after 5 and after 30 epochs).
 """
 
