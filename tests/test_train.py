@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import vae.checkpoint
 import vae.train
 from tests.conftest import write_params
 from vae.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -180,7 +181,7 @@ def test_changed_training_code_starts_from_scratch(
 ) -> None:
     splits = _splits(prepared)
     train(_cfg(epochs=1), *splits, out_dir=tmp_path)
-    monkeypatch.setattr(vae.train, "code_fingerprint", lambda: "other code")
+    monkeypatch.setattr(vae.checkpoint, "code_fingerprint", lambda: "other code")
     result = train(_cfg(epochs=2), *splits, out_dir=tmp_path)
     assert result.resumed_from == 0
 

@@ -1,24 +1,39 @@
 """Self-describing checkpoints, written atomically and loaded with ``weights_only=True``.
 
-``models/checkpoint.pt`` (every epoch, for resuming) holds the model, the optimiser, the params
-that define the run, the epoch and step, the RNG states, the history so far, the best weights
-and the library versions. ``models/model.pt`` (the best epoch, what later stages read) holds the
-weights plus what is needed to rebuild the model: ``load_model`` never guesses.
+``models/checkpoint.pt`` (every epoch, for resuming) holds the model, the optimiser, the run's
+identity (``run_identity``: the params that define the run, a hash of the training code and of
+the data), the epoch and step, the RNG states, the history so far, the best weights and the
+library versions; ``why_not_resume`` decides whether it continues a run. ``models/model.pt``
+(the best epoch, what later stages read) holds the weights plus what is needed to rebuild the
+model: ``load_model`` never guesses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import vae
-from vae.config import ConfigError, DataConfig, ModelConfig
+from vae.config import Config, ConfigError, DataConfig, ModelConfig
 from vae.io import atomic_torch_save
 from vae.model import VAE
 
-__all__ = ["CheckpointError", "load_checkpoint", "load_model", "save_model", "versions"]
+__all__ = [
+    "CheckpointError",
+    "code_fingerprint",
+    "load_checkpoint",
+    "load_model",
+    "run_identity",
+    "save_checkpoint",
+    "save_model",
+    "versions",
+    "why_not_resume",
+]
 
 CHECKPOINT_FORMAT = "vae-checkpoint/1"
 MODEL_FORMAT = "vae-model/1"
@@ -50,6 +65,63 @@ def _load(path: Path, fmt: str) -> dict[str, Any]:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _load(Path(path), CHECKPOINT_FORMAT)
+
+
+# The modules whose code decides the numbers a run produces. A checkpoint written by other code
+# is not resumed: under DVC a change here reruns `train`, and it must really retrain.
+_NUMERIC_MODULES = ("train", "model", "losses", "distributions", "data")
+
+
+def code_fingerprint() -> str:
+    """sha256 over the source of the modules that determine a training run's numbers."""
+    h = hashlib.sha256()
+    for name in _NUMERIC_MODULES:
+        module = importlib.import_module(f"vae.{name}")
+        h.update(Path(module.__file__ or "").read_bytes())
+    return h.hexdigest()
+
+
+def run_identity(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the params (hardware knobs excluded), the
+    training code and the data. Stored in every checkpoint under these keys."""
+    train = dataclasses.asdict(cfg.train)
+    # Growing `epochs` continues a constant-lr run; a decaying lr is laid out over `epochs`.
+    hardware = ("device", "precision", "compile", "num_threads")
+    for k in hardware if cfg.train.lr_decay > 0 else ("epochs", *hardware):
+        train.pop(k)
+    params = {"data": dataclasses.asdict(cfg.data), "model": dataclasses.asdict(cfg.model)}
+    return {
+        "params": {**params, "train": train},
+        "code_sha256": code_fingerprint(),
+        "dataset_sha256": dataset_sha256,
+    }
+
+
+def why_not_resume(ckpt: dict[str, Any], identity: dict[str, Any], epochs: int) -> str | None:
+    """Why ``ckpt`` cannot continue the run ``identity`` of ``epochs`` epochs; None if it can."""
+    if ckpt.get("code_sha256") != identity["code_sha256"]:
+        return "the training code changed since it was written"
+    params = identity["params"]
+    if ckpt["params"] != params or ckpt["dataset_sha256"] != identity["dataset_sha256"]:
+        why = (
+            "; ".join(
+                diff_params(ckpt["params"].get(s, {}), params[s], s)
+                for s in ("data", "model", "train")
+                if ckpt["params"].get(s) != params[s]
+            )
+            or "other data"
+        )
+        return f"it was trained with other params or data ({why})"
+    if ckpt["epoch"] > epochs:
+        return f"it has {ckpt['epoch']} epochs, more than train.epochs={epochs}"
+    return None
+
+
+def save_checkpoint(path: str | Path, identity: dict[str, Any], **state: Any) -> None:
+    """Atomically write a checkpoint: ``identity`` (see ``run_identity``) plus the run's state."""
+    atomic_torch_save(
+        path, {"format": CHECKPOINT_FORMAT, **identity, **state, "versions": versions()}
+    )
 
 
 def save_model(path: str | Path, model: VAE, data_cfg: DataConfig, extra: dict[str, Any]) -> None:
@@ -101,8 +173,6 @@ def diff_params(old: dict[str, Any], new: dict[str, Any], prefix: str) -> str:
 
 
 def _asdict(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-
     if not dataclasses.is_dataclass(cfg):
         raise ConfigError(f"expected a config dataclass, got {type(cfg).__name__}")
     return dataclasses.asdict(cfg)

@@ -13,7 +13,6 @@ and metrics as an uninterrupted one (on the CPU).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import sys
@@ -26,16 +25,15 @@ from typing import Any
 import torch
 
 from vae.checkpoint import (
-    CHECKPOINT_FORMAT,
-    diff_params,
     load_checkpoint,
+    run_identity,
+    save_checkpoint,
     save_model,
-    versions,
+    why_not_resume,
 )
 from vae.config import Config, ConfigError
 from vae.data import Split, batch_to_float, float_images
 from vae.distributed import rank_and_world
-from vae.io import atomic_torch_save
 from vae.losses import LossTerms, kl_weight, negative_elbo
 from vae.model import VAE
 from vae.tracking import NullTracker, Tracker
@@ -77,37 +75,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-# The modules whose code decides the numbers a run produces. A checkpoint written by other code
-# is not resumed: under DVC a change here reruns `train`, and it must really retrain.
-_NUMERIC_MODULES = ("train", "model", "losses", "distributions", "data")
-
-
-def code_fingerprint() -> str:
-    """sha256 over the source of the modules that determine a training run's numbers."""
-    import hashlib
-    import importlib
-
-    h = hashlib.sha256()
-    for name in _NUMERIC_MODULES:
-        module = importlib.import_module(f"vae.{name}")
-        h.update(Path(module.__file__ or "").read_bytes())
-    return h.hexdigest()
-
-
-def _run_params(cfg: Config) -> dict[str, Any]:
-    """The params a checkpoint must match to be resumed (hardware knobs excluded)."""
-    train = dataclasses.asdict(cfg.train)
-    # Growing `epochs` continues a constant-lr run; a decaying lr is laid out over `epochs`.
-    hardware = ("device", "precision", "compile", "num_threads")
-    for k in hardware if cfg.train.lr_decay > 0 else ("epochs", *hardware):
-        train.pop(k)
-    return {
-        "data": dataclasses.asdict(cfg.data),
-        "model": dataclasses.asdict(cfg.model),
-        "train": train,
-    }
 
 
 @torch.no_grad()
@@ -221,37 +188,11 @@ def _train(
     epoch = step = 0
     best = {"val_loss": math.inf, "epoch": -1, "state": None}
     resumed_from = 0
+    identity = run_identity(cfg, dataset_sha256)  # once: it hashes the training code
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("code_sha256") != code_fingerprint():
-            log.warning(
-                "not resuming %s: the training code changed since it was written; "
-                "starting from scratch",
-                ckpt_path,
-            )
-        elif ckpt["params"] != _run_params(cfg) or ckpt["dataset_sha256"] != dataset_sha256:
-            why = (
-                "; ".join(
-                    diff_params(ckpt["params"].get(s, {}), _run_params(cfg)[s], s)
-                    for s in ("data", "model", "train")
-                    if ckpt["params"].get(s) != _run_params(cfg)[s]
-                )
-                or "other data"
-            )
-            log.warning(
-                "not resuming %s: it was trained with other params or data (%s); "
-                "starting from scratch",
-                ckpt_path,
-                why,
-            )
-        elif ckpt["epoch"] > tc.epochs:
-            log.warning(
-                "not resuming %s: it has %d epochs, more than train.epochs=%d; "
-                "starting from scratch",
-                ckpt_path,
-                ckpt["epoch"],
-                tc.epochs,
-            )
+        if reason := why_not_resume(ckpt, identity, tc.epochs):
+            log.warning("not resuming %s: %s; starting from scratch", ckpt_path, reason)
         else:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
@@ -342,25 +283,19 @@ def _train(
             }
         if not main_rank:
             continue  # only rank 0 writes checkpoints, metrics and tracking records
-        atomic_torch_save(
+        save_checkpoint(
             ckpt_path,
-            {
-                "format": CHECKPOINT_FORMAT,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "params": _run_params(cfg),
-                "code_sha256": code_fingerprint(),
-                "image_shape": list(model.image_shape),
-                "dataset_sha256": dataset_sha256,
-                "epoch": epoch,
-                "step": step,
-                "history": history,
-                "best_val_loss": best["val_loss"],
-                "best_epoch": best["epoch"],
-                "best_model": best["state"],
-                "rng": {"shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state().cpu()},
-                "versions": versions(),
-            },
+            identity,
+            model=model.state_dict(),
+            optimizer=opt.state_dict(),
+            image_shape=list(model.image_shape),
+            epoch=epoch,
+            step=step,
+            history=history,
+            best_val_loss=best["val_loss"],
+            best_epoch=best["epoch"],
+            best_model=best["state"],
+            rng={"shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state().cpu()},
         )
         tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
         log.info(
