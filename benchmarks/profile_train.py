@@ -113,6 +113,7 @@ def _model_health(checkpoint: Path, train_split: Any) -> str:
     import torch
 
     from vae.checkpoint import load_checkpoint
+    from vae.config import ModelConfig
     from vae.data import batch_to_float
     from vae.model import VAE
 
@@ -124,21 +125,22 @@ def _model_health(checkpoint: Path, train_split: Any) -> str:
     # below the smallest normal float: subnormal, or 0 where training flushed subnormals
     vanished = sum(int((t.abs() < tiny).sum()) for t in moments)
     total = sum(t.numel() for t in moments)
-    from vae.config import ModelConfig
-
-    model = VAE(ModelConfig.from_saved(ckpt["params"]["model"]), tuple(ckpt["image_shape"]))
-    model.load_state_dict(ckpt["model"])
-    x = batch_to_float(train_split.images[:5000].cpu(), "none")
-    with torch.no_grad():  # the encoder's first hidden layer, before its activation
-        first = next(m for m in model.encoder.net if isinstance(m, torch.nn.Linear))
-        pre = first(x.flatten(1)) if model.cfg.arch == "mlp" else None
-    dead = (
-        "n/a (conv)" if pre is None else f"{int((pre.max(0).values <= 0).sum())} of {pre.shape[1]}"
-    )
-    return (
+    line = (
         f"after {ckpt['epoch']} epochs: {vanished:,} of {total:,} Adam first moments below "
-        f"{tiny:.1e} (weights with no gradient); encoder units positive for none of "
-        f"{x.shape[0]} training images: {dead}"
+        f"{tiny:.1e} (weights with no gradient)"
+    )
+    model_cfg = ModelConfig.from_saved(ckpt["params"]["model"])
+    if model_cfg.arch != "mlp":
+        return line
+    model = VAE(model_cfg, tuple(ckpt["image_shape"]))
+    model.load_state_dict(ckpt["model"])
+    x = batch_to_float(train_split.images[:5000].cpu(), "none").flatten(1)
+    with torch.no_grad():  # the encoder's hidden layer, before its activation
+        pre = model.encoder.net[1](x)
+    dead = int((pre.max(0).values <= 0).sum())
+    return (
+        f"{line}; encoder units positive for none of {x.shape[0]} training images: "
+        f"{dead} of {pre.shape[1]}"
     )
 
 

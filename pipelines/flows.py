@@ -67,7 +67,7 @@ class StageFailed(RuntimeError):
 def _retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's retry_condition_fn: no retries for a stage that failed for good."""
     exc = state.data
-    return not (isinstance(exc, StageFailed) and not exc.retryable)
+    return not isinstance(exc, StageFailed) or exc.retryable
 
 
 RETRIES: dict[str, Any] = {

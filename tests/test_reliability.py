@@ -182,3 +182,32 @@ def test_unexpected_exception_exits_70_with_its_traceback(
     with pytest.raises(SystemExit) as info:  # an expected failure: one line, code 1
         vae.cli.run()
     assert info.value.code == 1 and "Traceback" not in capsys.readouterr().err
+
+    def interrupted(cfg: object, args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vae.cli, "cmd_prepare", interrupted)
+    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare", "--offline"])
+    with pytest.raises(SystemExit) as info:  # Ctrl-C: the shell's 128 + SIGINT
+        vae.cli.run()
+    assert info.value.code == 130
+
+
+def test_failed_download_exits_75(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torchvision.datasets
+
+    import vae.data
+    from vae.cli import EXIT_TEMPFAIL, main
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.chdir(tmp_path)  # no project copy of the data here
+    write_params(tmp_path / "params.yaml")
+    monkeypatch.setitem(vae.data.SYSTEM_DIRS, "fashion_mnist", ())  # nor a Debian copy
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    assert main(["-q", "prepare"]) == EXIT_TEMPFAIL == 75  # a later retry may find a network
+    assert "no network" in capsys.readouterr().err
+    assert main(["-q", "prepare", "--offline"]) == 1  # nothing was fetched: not worth a retry
