@@ -27,18 +27,26 @@ $(STAMP): pyproject.toml requirements.lock
 		-c requirements.lock -e '.[dev]'
 	touch $@
 
-# Offline Fashion-MNIST: Debian's package ships the IDX files. Without apt (or root), `vae
-# prepare` falls back to torchvision's download and says so if that fails too.
-dataset:
-	@if [ -d data/raw/fashion_mnist ] || [ -d /usr/share/datasets/fashion-mnist ]; then :; \
-	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
-		|| echo "apt-get failed; vae prepare will try torchvision's download"; \
-	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
-		(sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist) \
-		|| echo "apt-get failed; vae prepare will try torchvision's download"; \
+# The raw data is data.source in params.yaml (DVC hashes it; `vae ingest` copies it). Debian's
+# packages ship Fashion-MNIST and MNIST offline: install the one data.source names when apt can
+# (as root or with password-less sudo). Otherwise say what to do: `vae download` or another path.
+dataset: install
+	@for old in data/raw/fashion_mnist data/raw/mnist; do if [ -d "$$old" ]; then \
+		echo "$$old: data/raw is now DVC's copy of data.source, and dvc repro replaces it."; \
+		echo "  Move your copy out first (mv $$old ~/datasets/) and set data.source to it."; \
+		exit 1; fi; done
+	@set -- $$(python -c "from vae.config import load_params; from vae.raw import DEBIAN_SOURCES as D; \
+		s = load_params().data.source; print(s, next((p for d, p in D.values() if d == s), '-'))"); \
+	src=$$1; pkg=$$2; \
+	if [ -e "$$src" ]; then :; \
+	elif [ "$$pkg" != - ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq "$$pkg"; \
+	elif [ "$$pkg" != - ] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo apt-get install -y -qq "$$pkg"; \
 	else \
-		echo "cannot apt-get install dataset-fashion-mnist here; vae prepare will try torchvision's download"; \
+		echo "data.source: $$src not found. Install it (apt-get install $$pkg), or run"; \
+		echo "  vae download --out $$HOME/datasets/fashion-mnist, and set data.source to that path"; \
+		exit 1; \
 	fi
 
 lint: install

@@ -25,30 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def make_project(root: Path) -> Path:
-    from tests.conftest import TINY_PARAMS, write_idx_dataset
+    from tests.conftest import make_dvc_project, write_idx_dataset
 
-    root.mkdir(parents=True)
-    shutil.copytree(ROOT / "vae", root / "vae", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
-    params["mlflow"] = {"enabled": True, "experiment": "tiny", "registered_model": "tiny-vae"}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=200, n_test=50)
-    (root / ".gitignore").write_text("/data/raw/\n__pycache__/\n/mlflow.db\n/mlruns/\n")
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=env(root))
-    return root
+    source = write_idx_dataset(root.parent / f"{root.name}-source", n_train=200, n_test=50)
+    mlflow = {"enabled": True, "experiment": "tiny", "registered_model": "tiny-vae"}
+    return make_dvc_project(root, source, mlflow=mlflow)
 
 
 def env(root: Path) -> dict[str, str]:
-    from pipelines.flows import project_env
+    from pipelines.tasks import project_env
 
     return project_env(root)
 

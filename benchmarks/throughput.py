@@ -372,9 +372,9 @@ def _own_cpu_seconds() -> float:
 
 def _unpack_raw(tmp: Path, raw_root: Path) -> Path:
     """The raw IDX files, unpacked where torchvision's FashionMNIST(download=False) reads them."""
-    from vae.data import find_raw_files
+    from vae.raw import idx_files
 
-    files, _ = find_raw_files("fashion_mnist", raw_root, download=False)
+    files = idx_files(raw_root)
     raw = tmp / "torchvision" / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for path in files.values():
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--raw",
         default=str(ROOT / "data" / "raw"),
-        help="where `vae prepare` looks first for the raw IDX files (then Debian's copy)",
+        help="the ingested raw IDX files that `vae prepare` read (default: %(default)s)",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     p.add_argument("--worker", help=argparse.SUPPRESS)

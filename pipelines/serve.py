@@ -3,8 +3,10 @@
 ``vae-retrain`` is scheduled with ``schedule.cron`` in ``schedule.timezone`` from
 ``params.yaml``; ``vae-pipeline`` has no schedule and runs when triggered (UI, ``prefect
 deployment run 'vae-pipeline/on-demand'``). The process runs one flow run at a time: both flows
-work in this one DVC workspace, which DVC locks. For a work pool instead of this process, see
-``prefect.yaml`` (``prefect deploy --all``).
+work in this one DVC workspace. Without ``PREFECT_API_URL`` it starts a local Prefect server of its
+own (with the scheduler), and it exits within seconds of SIGTERM, leaving no flow run Running
+(:mod:`pipelines.runner`). For a work pool instead of this process, see ``prefect.yaml``
+(``prefect deploy --all``).
 """
 
 from __future__ import annotations
@@ -67,10 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pipelines.serve: error: {exc}", file=sys.stderr)
         return 2
-    from prefect import serve
+    from pipelines.runner import serve_with_deadline
 
-    # `flow.serve` for two flows at once; limit=1: one flow run at a time in this workspace.
-    serve(*deployments, limit=1)
+    # `prefect.serve` for two flows at once; limit=1: one flow run at a time in this workspace.
+    serve_with_deadline(*deployments, limit=1)
     return 0
 
 

@@ -1,18 +1,24 @@
-"""Shared fixtures: tiny IDX datasets written by the tests themselves, and tiny params."""
+"""Shared fixtures: tiny IDX datasets written by the tests themselves, tiny params, and tiny
+git + DVC projects built like the real one."""
 
 from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from vae.data import IDX_FILES
+from vae.raw import IDX_FILES
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "binarize": "dynamic", "seed": 0},
@@ -27,7 +33,12 @@ TINY_PARAMS = {
         "n_interpolations": 2,
         "interpolation_steps": 5,
     },
-    "mlflow": {"enabled": False, "experiment": "tiny", "registered_model": "tiny-vae"},
+    "mlflow": {
+        "enabled": False,
+        "experiment": "tiny",
+        "registered_model": "tiny-vae",
+        "register_experiments": False,
+    },
     "schedule": {"cron": "0 3 * * 1", "timezone": "UTC"},
 }
 
@@ -66,7 +77,7 @@ def write_idx_dataset(folder: Path, n_train: int = 200, n_test: int = 50, gz: bo
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A tmp project folder (the cwd) with tiny raw IDX data and tiny params.yaml."""
-    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist")
+    write_idx_dataset(tmp_path / "data" / "raw")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return tmp_path
@@ -77,3 +88,57 @@ def write_params(path: Path, **sections: dict) -> None:
     for name, values in sections.items():
         params.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for commands the tests run: this venv first, no analytics, a git user."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DO_NOT_TRACK="1",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@example.com",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@example.com",
+    )
+    env.update(extra)
+    return env
+
+
+def run(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> str:
+    """Run a command, fail the test with its output if it fails; returns stdout + stderr."""
+    proc = subprocess.run(
+        args, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def dvc(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    return run(cwd, sys.executable, "-m", "dvc", *args, env=env)
+
+
+def tiny_params(**sections: dict[str, Any]) -> dict[str, Any]:
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    return params
+
+
+def make_dvc_project(root: Path, source: Path, **sections: dict[str, Any]) -> Path:
+    """A git + DVC project at ``root`` built from this repository's own dvc.yaml, .dvc/config,
+    .gitignore and vae/, with tiny params reading ``source``; everything committed."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "vae", root / "vae", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    data = {"source": str(source), **sections.pop("data", {})}
+    params = tiny_params(data=data, **sections)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(root, "git", "init", "-q", "-b", "main")
+    dvc(root, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # the default remote too
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-qm", "tiny project")
+    return root

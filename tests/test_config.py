@@ -43,7 +43,10 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
         ({"trian": {}}, ["trian", "unknown key", "did you mean 'train'"]),
         ({"train": {"device": "tpu"}}, ["train.device", "cuda:N"]),
         ({"model": {"likelihood": "gaussian"}}, ["model.likelihood", "data.binarize"]),
-        ({"data": {"dataset": "folder"}}, ["data.folder", "required"]),
+        ({"data": {"folder": "imgs"}}, ["data.folder", "renamed to data.source"]),
+        ({"data": {"source": " "}}, ["data.source", "empty"]),
+        ({"schedule": {"timeout_minutes": 0}}, ["schedule.timeout_minutes", "> 0"]),
+        ({"mlflow": {"register_experiments": "yes"}}, ["mlflow.register_experiments", "true"]),
         ({"train": 5}, ["train", "mapping"]),
     ],
 )

@@ -31,9 +31,9 @@ def _rows(path: Path) -> list[dict[str, float]]:
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
-    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist", n_train=200, n_test=20)
+    write_idx_dataset(tmp_path / "data" / "raw", n_train=200, n_test=20)
     write_params(tmp_path / "params.yaml", train={"epochs": 3, "batch_size": 32})
-    _run(tmp_path, "-m", "vae", "-q", "prepare", "--offline")
+    _run(tmp_path, "-m", "vae", "-q", "prepare")
     _run(
         tmp_path, "-m", "vae", "-q", "train", "--models", "one", "--plots", "p1", "--metrics", "m1"
     )

@@ -55,14 +55,14 @@ def make_project(root: Path, **mlflow: object) -> Path:
     params["mlflow"].update({"enabled": True, **mlflow})
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_idx_dataset(root / "data" / "raw" / "fashion_mnist")
+    write_idx_dataset(root / "data" / "raw")
     return root
 
 
-def run_pipeline(root: Path, uri: str) -> None:
+def run_pipeline(root: Path, uri: str, stages: list[str] = STAGES) -> None:
     with project_env(root, uri):
-        for stage in STAGES:
-            assert main(["-q", stage, *(["--offline"] if stage == "prepare" else [])]) == 0, stage
+        for stage in stages:
+            assert main(["-q", stage]) == 0, stage
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +384,7 @@ def test_server_gone_mid_run_then_relog(tmp_path: Path) -> None:
 
     server_dir = tmp_path / "server"
     root = make_project(tmp_path / "proj")
-    write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=1500, n_test=50)
+    write_idx_dataset(root / "data" / "raw", n_train=1500, n_test=50)
     write_params(
         root / "params.yaml",
         train={"epochs": 10, "batch_size": 8},
@@ -394,7 +394,7 @@ def test_server_gone_mid_run_then_relog(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     vae = [sys.executable, "-m", "vae", "-q"]
-    assert subprocess.run([*vae, "prepare", "--offline"], cwd=root, env=env).returncode == 0
+    assert subprocess.run([*vae, "prepare"], cwd=root, env=env).returncode == 0
     server = start_server(
         tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
     )
@@ -438,7 +438,7 @@ def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixt
 
     write_params(project / "params.yaml", mlflow={"enabled": True})
     uri = f"http://127.0.0.1:{free_port()}"
-    assert main(["-q", "prepare", "--offline"]) == 0
+    assert main(["-q", "prepare"]) == 0
     with project_env(project, uri):
         start = time.time()
         assert main(["-q", "train"]) == 75  # EX_TEMPFAIL: a later retry may work

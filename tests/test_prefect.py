@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -21,11 +21,26 @@ from typing import Any
 
 import pytest
 import yaml
+from PIL import Image
 
-from tests.conftest import TINY_PARAMS, write_idx_dataset
+from tests.conftest import (
+    TINY_PARAMS,
+    dvc,
+    make_dvc_project,
+    run,
+    subprocess_env,
+    tiny_params,
+    write_idx_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-vae"
+MLFLOW = {
+    "enabled": True,
+    "experiment": "tiny",
+    "registered_model": NAME,
+    "register_experiments": False,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,6 +49,8 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     mp.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect_home")))
     mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     mp.setenv("DO_NOT_TRACK", "1")
+    mp.setenv("DVC_NO_ANALYTICS", "1")
+    mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # each project's own store
     yield
     mp.undo()
 
@@ -46,35 +63,30 @@ def prefect_server(prefect_env: None) -> Iterator[None]:
         yield
 
 
-def _run(cwd: Path, *args: str) -> None:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+def _png(path: Path, seed: int, size: int = 28) -> None:
+    """A grey image of class ``path.parent.name``: a bright bar whose row depends on the class."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 60, (size, size), dtype=np.uint8)
+    row = 4 + 6 * (sum(map(ord, path.parent.name)) % 3)
+    img[row : row + 3, 4:24] = 230
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
 
 
-def _params(**sections: dict[str, Any]) -> dict[str, Any]:
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
-    params["mlflow"] = {"enabled": True, "experiment": "tiny", "registered_model": NAME}
-    for name, values in sections.items():
-        params.setdefault(name, {}).update(values)
-    return params
+def _add_images(folder: Path, start: int, n: int) -> None:
+    for i in range(start, start + n):
+        _png(folder / ("shirts", "shoes", "bags")[i % 3] / f"{i:04d}.png", seed=i)
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A tmp git + DVC project (as tests/test_pipeline.py builds it) with its own MLflow db."""
-    root = tmp_path_factory.mktemp("prefect_proj")
-    shutil.copytree(REPO / "vae", root / "vae", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(_params(), sort_keys=False))
-    write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=200, n_test=50)
-    (root / ".gitignore").write_text("/data/raw/\n__pycache__/\n/mlflow.db\n/mlruns/\n")
-    _run(root, "git", "init", "-q")
-    _run(root, sys.executable, "-m", "dvc", "init", "-q")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    yield root
-    mp.undo()
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC project whose data.source is a folder of images outside it, which grows."""
+    base = tmp_path_factory.mktemp("prefect_proj")
+    _add_images(base / "images", 0, 240)
+    data = {"dataset": "folder", "val_fraction": 0.2}
+    return make_dvc_project(base / "proj", base / "images", data=data, mlflow=MLFLOW)
 
 
 def _task_runs(flow_state: Any, expected: int) -> list[Any]:
@@ -95,40 +107,71 @@ def _task_runs(flow_state: Any, expected: int) -> list[Any]:
             time.sleep(0.5)
 
 
-def _report(flow_state: Any) -> str:
+def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+    """``{key: artifact}`` of one flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from pipelines.flows import REPORT_KEY
-
-    flow_run_id = flow_state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
+        found = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    assert artifact.key == REPORT_KEY and artifact.type == "markdown"
+    return {a.key: a for a in found}
+
+
+def _report(flow_state: Any) -> str:
+    from pipelines.flows import REPORT_KEY
+
+    artifact = _artifacts(flow_state.state_details.flow_run_id)[REPORT_KEY]
+    assert artifact.type == "markdown"
     return str(artifact.data)
 
 
-def _client() -> Any:
+def _client(root: Path) -> Any:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def _registry(root: Path) -> tuple[list[int], int | None]:
+    """The registered versions and the champion's version."""
+    client = _client(root)
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))
+    try:
+        champion = int(client.get_model_version_by_alias(NAME, "champion").version)
+    except Exception:  # noqa: BLE001 - no champion yet
+        champion = None
+    return versions, champion
+
+
+# --- tasks: retries, deadlines ---------------------------------------------------------------
+
+
+def _stage_project(root: Path, stages: dict[str, str]) -> Path:
+    """A git + DVC project whose stages are the given shell commands, with valid params."""
+    (root / "dvc.yaml").write_text(
+        yaml.safe_dump({"stages": {k: {"cmd": v} for k, v in stages.items()}})
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    run(root, "git", "init", "-q")
+    dvc(root, "init", "-q")
+    return root
 
 
 def test_stage_retries_only_what_a_retry_can_fix(prefect_server: None, tmp_path: Path) -> None:
     from prefect import flow
 
-    from pipelines.flows import RETRIES, StageFailed, run_stage
+    from pipelines.tasks import RETRIES, StageFailed, run_stage
 
     # each stage counts its attempts in a file, then exits with the code a `vae` command would
-    stages = {
-        name: {"cmd": f"sh -c 'echo x >> {name}.attempts; exit {code}'"}
-        for name, code in (("bad_data", 1), ("bad_param", 2), ("server_down", 75), ("bug", 70))
-    }
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    _run(tmp_path, "git", "init", "-q")
-    _run(tmp_path, sys.executable, "-m", "dvc", "init", "-q")
+    _stage_project(
+        tmp_path,
+        {
+            name: f"sh -c 'echo x >> {name}.attempts; "
+            f'echo "vae {name}: error: {code}"; exit {code}\''
+            for name, code in (("bad_data", 1), ("bad_param", 2), ("server_down", 75))
+        },
+    )
     task = run_stage.with_options(**{**RETRIES, "retry_delay_seconds": 0})
 
     @flow
@@ -139,9 +182,44 @@ def test_stage_retries_only_what_a_retry_can_fix(prefect_server: None, tmp_path:
     for stage, code, attempts in (("bad_data", 1, 1), ("bad_param", 2, 1), ("server_down", 75, 3)):
         failed, exc = one_stage(stage)
         assert failed and isinstance(exc, StageFailed) and exc.exit_code == code, exc
+        assert str(exc) == f"{stage}: vae {stage}: error: {code}", "one line, the command's own"
         assert exc.retryable == (attempts > 1)
         assert (tmp_path / f"{stage}.attempts").read_text().count("x") == attempts, stage
     assert StageFailed("bug", 70, "").retryable and StageFailed("x", None, "").retryable
+    assert not StageFailed("slow", None, "", timed_out=True).retryable
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # an orphan killed in a container may linger as a zombie
+
+
+def test_task_deadline_kills_the_whole_process_group(prefect_server: None, tmp_path: Path) -> None:
+    from prefect import flow
+
+    from pipelines.tasks import StageFailed, run_stage
+
+    # dvc -> sh -> sleep, plus a grandchild that holds the output pipe open
+    _stage_project(tmp_path, {"slow": "sh -c 'sleep 300 & echo $! > child.pid; sleep 300'"})
+
+    @flow
+    def slow() -> Any:
+        state = run_stage("slow", str(tmp_path), None, 3.0, return_state=True)
+        return state.result(raise_on_failure=False)
+
+    start = time.monotonic()
+    exc = slow()
+    took = time.monotonic() - start
+    assert isinstance(exc, StageFailed) and exc.timed_out and "after 3 s" in str(exc), exc
+    assert took < 30, f"the deadline fired late: {took:.1f} s"
+    child = int((tmp_path / "child.pid").read_text())
+    deadline = time.time() + 10
+    while _alive(child) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "a grandchild of the stage survived its deadline"
 
 
 # --- one definition of the stage graph, the schedule and the deployments ---------------------
@@ -165,7 +243,7 @@ def test_flow_stages_are_dvc_yaml_in_topological_order(tmp_path: Path) -> None:
             sort_keys=False,
         )
     )
-    _run(tmp_path, sys.executable, "-m", "dvc", "init", "-q", "--no-scm")
+    dvc(tmp_path, "init", "-q", "--no-scm")
     assert stage_order(tmp_path) == ["c", "a", "b"]
 
 
@@ -181,7 +259,7 @@ def test_bad_schedule_names_the_key() -> None:
 def test_deployment_carries_the_cron_schedule_from_params(tmp_path: Path) -> None:
     from pipelines.serve import build_deployments
 
-    params = _params(schedule={"cron": "15 4 * * 2", "timezone": "Europe/Berlin"})
+    params = tiny_params(schedule={"cron": "15 4 * * 2", "timezone": "Europe/Berlin"})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     pipeline, retrain = build_deployments(tmp_path)
     assert (pipeline.flow_name, retrain.flow_name) == ("vae-pipeline", "vae-retrain")
@@ -275,11 +353,92 @@ def test_registry_lock_makes_registrations_sequential(prefect_server: None) -> N
     assert registry["champion"] == "2"
 
 
-# --- the flows, end to end -------------------------------------------------------------------
+# --- one flow run per workspace, and loud failures ------------------------------------------
+
+
+def test_flow_runs_in_one_workspace_never_overlap(prefect_server: None, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from pipelines.flows import vae_pipeline
+    from pipelines.locking import workspace_lock_name
+
+    stamp = (
+        "python -c \"import sys,time; open('times','a').write(sys.argv[1]+' %r\\n' % time.time())\""
+    )
+    _stage_project(tmp_path, {"work": f"{stamp} start && sleep 2 && {stamp} end"})
+    states: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda: states.append(vae_pipeline(str(tmp_path), return_state=True))
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert len(states) == 2 and all(s.is_completed() for s in states), states
+    # The second run waited for the first: with the stage forced to run twice, its two
+    # start/end pairs do not interleave. (DVC found it unchanged the second time, or reran it.)
+    events = [line.split() for line in (tmp_path / "times").read_text().splitlines()]
+    kinds = [k for k, _ in events]
+    assert kinds in (["start", "end"], ["start", "end", "start", "end"]), kinds
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(workspace_lock_name(tmp_path))
+    assert (limit.limit, limit.active_slots) == (1, 0)
+
+
+def test_a_crashed_flow_leaves_an_artifact_and_no_stage_behind(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.reports import FAILURE_KEY
+
+    _stage_project(tmp_path, {"stuck": "sh -c 'echo $$ > stage.pid; sleep 300'"})
+    script = (
+        "import sys; from prefect import tags; from pipelines.flows import vae_pipeline; "
+        "vae_pipeline.with_options(flow_run_name='crash-me')(root=sys.argv[1])"
+    )
+    env = subprocess_env(PREFECT_API_URL=str(PREFECT_API_URL.value()), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "stage.pid").exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.2)
+        stage_pid = int((tmp_path / "stage.pid").read_text())
+        proc.send_signal(signal.SIGTERM)  # what a scheduler or `kill` sends
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not _alive(stage_pid), "the stage outlived its flow run"
+    with get_client(sync_client=True) as client:
+        (flow_run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["crash-me"]))
+        )
+    assert flow_run.state is not None and flow_run.state.is_crashed(), flow_run.state
+    note = str(_artifacts(flow_run.id)[FAILURE_KEY].data)
+    assert "vae-pipeline crashed: flow run `crash-me`" in note
+    assert "did not complete:** stuck (" in note and f"prefect flow-run logs {flow_run.id}" in note
+    assert f"{tmp_path}/logs/crash-me/<stage>.log" in note
+    assert (tmp_path / "logs" / "crash-me" / "stuck.log").is_file()
+
+
+# --- retraining on a growing folder ----------------------------------------------------------
 
 
 def test_retrain_first_run_promotes(prefect_server: None, repo: Path) -> None:
+    from prefect.client.orchestration import get_client
+
     from pipelines.flows import stage_order, vae_retrain
+    from pipelines.locking import lock_name, workspace_lock_name
 
     state = vae_retrain(root=str(repo), return_state=True)
     assert state.is_completed(), state
@@ -287,54 +446,29 @@ def test_retrain_first_run_promotes(prefect_server: None, repo: Path) -> None:
     stages = stage_order(repo)
     assert result["status"] == "promoted" and result["champion_version"] == 1
     assert result["stages"] == dict.fromkeys(stages, True)  # every stage ran
-    runs = _task_runs(state, len(stages) + 2)
-    assert [r.name for r in runs] == [stages[0], "read-versions", *stages[1:], "read-versions"]
+    runs = _task_runs(state, len(stages) + 4)
+    expected = ["check-data", *stages[:2], "read-versions", *stages[2:], "read-versions"]
+    assert [r.name for r in runs] == [*expected, "read-run"]
     assert all(r.state.is_completed() for r in runs), [(r.name, r.state) for r in runs]
     report = _report(state)
     assert "challenger promoted" in report and "there was no champion yet" in report
     nll = json.loads((repo / "metrics/eval.json").read_text())["nll_iw"]
     assert f"| nll_iw | - | {nll:.3f} |" in report
-    champion = _client().get_model_version_by_alias(NAME, "champion")
+    run_id = result["run_id"]
+    assert f"MLflow run: [{run_id}](http://127.0.0.1:5000/#/experiments/" in report
+    samples = f"{(repo / 'mlruns').as_uri()}/tiny/{run_id}/artifacts/generate/samples.png"
+    assert f"Sample grid: [generate/samples.png]({samples})" in report
+    assert Path(samples.removeprefix("file://")).is_file()
+    link = str(_artifacts(state.state_details.flow_run_id)["vae-retrain-run"].data)
+    assert link.startswith(f"[MLflow run {run_id}](http://127.0.0.1:5000/#/experiments/"), link
+    champion = _client(repo).get_model_version_by_alias(NAME, "champion")
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert str(champion.version) == "1"
     assert champion.tags["dataset_sha256"] == manifest["dataset_sha256"]
-    # `register` ran under the registry lock, which the flow created, and released it
-    from prefect.client.orchestration import get_client
-
-    from pipelines.locking import lock_name
-
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(lock_name(NAME))
-    assert (limit.limit, limit.active, limit.active_slots) == (1, True, 0)
-
-
-def test_retrain_rejects_a_bad_epochs_override_before_any_work(
-    prefect_server: None, repo: Path
-) -> None:
-    from pipelines.flows import vae_retrain
-    from vae.config import ConfigError
-
-    before = (repo / "params.yaml").read_text()
-    state = vae_retrain(epochs=0, root=str(repo), return_state=True)
-    assert state.is_failed()
-    with pytest.raises(ConfigError, match=r"^train\.epochs: 0 is out of range"):
-        state.result()
-    assert (repo / "params.yaml").read_text() == before
-
-
-def test_retrain_skips_when_the_data_is_unchanged(prefect_server: None, repo: Path) -> None:
-    from pipelines.flows import vae_retrain
-
-    state = vae_retrain(root=str(repo), return_state=True)
-    result = state.result()
-    assert result["status"] == "skipped" and result["stages"] == {"prepare": True}
-    assert "dataset is unchanged since champion v1" in result["reason"]
-    runs = _task_runs(state, 2)
-    assert [r.name for r in runs] == ["prepare", "read-versions"]
-    assert all(r.state.is_completed() for r in runs)
-    report = _report(state)
-    assert "vae-retrain: skipped" in report and "| nll_iw |" in report
-    assert len(_client().search_model_versions(f"name = '{NAME}'")) == 1
+    with get_client(sync_client=True) as client:  # both locks were taken and released
+        for name in (lock_name(NAME), workspace_lock_name(repo)):
+            limit = client.read_global_concurrency_limit_by_name(name)
+            assert (limit.limit, limit.active, limit.active_slots) == (1, True, 0), name
 
 
 def test_forced_retrain_with_nothing_changed_registers_nothing(
@@ -344,8 +478,8 @@ def test_forced_retrain_with_nothing_changed_registers_nothing(
 
     result = vae_retrain(force=True, root=str(repo))
     assert result["status"] == "unchanged" and result["champion_version"] == 1
-    assert not any(ran for stage, ran in result["stages"].items() if stage != "prepare")
-    assert len(_client().search_model_versions(f"name = '{NAME}'")) == 1
+    assert not any(result["stages"].values())
+    assert _registry(repo) == ([1], 1)
 
 
 def test_pipeline_flow_one_task_per_stage(prefect_server: None, repo: Path) -> None:
@@ -372,22 +506,130 @@ def test_pipeline_flow_one_task_per_stage(prefect_server: None, repo: Path) -> N
         assert f"Stage '{stage}' didn't change, skipping" in text, text
 
 
-def test_worse_challenger_leaves_the_champion(prefect_server: None, repo: Path) -> None:
+def _failure(state: Any) -> str:
+    from pipelines.reports import FAILURE_KEY
+
+    return str(_artifacts(state.state_details.flow_run_id)[FAILURE_KEY].data)
+
+
+def test_retrain_follows_a_growing_folder(prefect_server: None, repo: Path) -> None:
+    """Same data: skip. New images: retrain and let the gate decide. Corrupt new images: fail
+    with one line naming the file, leaving the prepared data, models and registry alone."""
+    from pipelines.flows import vae_retrain
+
+    images = repo.parent / "images"
+    skipped = vae_retrain(root=str(repo))
+    assert skipped["status"] == "skipped" and "unchanged since champion v1" in skipped["reason"]
+    assert skipped["stages"] == {"ingest": False, "prepare": False}
+
+    _add_images(images, 240, 120)  # new data arrives
+    state = vae_retrain(root=str(repo), return_state=True)
+    grown = state.result()
+    assert grown["status"] in ("promoted", "kept") and grown["challenger_version"] == 2
+    assert all(grown["stages"].values()), grown["stages"]
+    manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
+    assert sum(s["count"] for s in manifest["splits"].values()) == 360
+    versions, champion = _registry(repo)
+    assert versions == [1, 2] and champion == grown["champion_version"]
+    assert f"champion v{champion}" in grown["reason"] or champion == 2
+    assert vae_retrain(root=str(repo))["status"] == "skipped"
+
+    before = (repo / "data/prepared/manifest.json").read_bytes(), _registry(repo)
+    model = (repo / "models/model.pt").read_bytes()
+    truncated = images / "shoes" / "9000.png"
+    _png(truncated, seed=9000)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    wrong_size = images / "bags" / "9001.png"
+    for bad, expected in ((truncated, "cannot read the image"), (wrong_size, "(1, 32, 32)")):
+        if bad == wrong_size:
+            truncated.unlink()
+            _png(wrong_size, seed=9001, size=32)
+        state = vae_retrain(root=str(repo), return_state=True)
+        assert state.is_failed()
+        message = str(state.result(raise_on_failure=False))
+        assert "\n" not in message and str(bad) in message and expected in message, message
+        assert message.startswith("check-data: vae ingest: error: ")
+        assert "did not complete:** check-data (Failed)" in _failure(state)
+        runs = _task_runs(state, 1)
+        assert [r.name for r in runs] == ["check-data"], "nothing ran after the check"
+        after = (repo / "data/prepared/manifest.json").read_bytes(), _registry(repo)
+        assert after == before and (repo / "models/model.pt").read_bytes() == model
+    wrong_size.unlink()
+    assert "Data and pipelines are up to date" in dvc(repo, "status")
+
+
+def test_a_bad_idx_file_fails_the_run_naming_it(prefect_server: None, tmp_path: Path) -> None:
+    from pipelines.flows import vae_retrain
+
+    source = write_idx_dataset(tmp_path / "idx", n_train=50, n_test=20)
+    bad = source / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(bad.read_bytes()[:30])
+    root = make_dvc_project(tmp_path / "proj", source, mlflow=MLFLOW)
+    state = vae_retrain(root=str(root), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert message.startswith(f"check-data: vae ingest: error: {bad}: "), message
+    assert not (root / "data" / "raw").exists() and not (root / "mlflow.db").exists()
+
+
+def test_retrain_rejects_a_bad_epochs_override_before_any_work(
+    prefect_server: None, repo: Path
+) -> None:
+    from pipelines.flows import vae_retrain
+    from vae.config import ConfigError
+
+    before = (repo / "params.yaml").read_text()
+    state = vae_retrain(epochs=0, root=str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=r"^train\.epochs: 0 is out of range"):
+        state.result()
+    assert (repo / "params.yaml").read_text() == before
+
+
+def test_epochs_override_runs_as_an_experiment_and_leaves_no_edit(
+    prefect_server: None, repo: Path
+) -> None:
     from pipelines.flows import vae_retrain
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["lr"] = 1e-7  # a challenger that barely moves from its random init
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(repo, "git", "commit", "-qam", "a worse lr")
+    before = {p: (repo / p).read_bytes() for p in ("params.yaml", "metrics/train.json")}
+    versions, champion = _registry(repo)
     state = vae_retrain(force=True, epochs=1, root=str(repo), return_state=True)
     result = state.result()
     assert result["status"] == "kept", result
-    assert result["champion_version"] == 1 and result["challenger_version"] == 2
+    assert result["champion_version"] == champion
+    assert result["challenger_version"] == versions[-1] + 1
     assert "champion stays" in result["reason"]
-    # the epochs override went through params.yaml, as `dvc exp run -S` would
-    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 1
-    assert json.loads((repo / "metrics/train.json").read_text())["epochs"] == 1
-    client = _client()
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+    assert {p: (repo / p).read_bytes() for p in before} == before, "the checkout is untouched"
+    exp = result["experiment"]
+    assert exp and exp in dvc(repo, "exp", "show", "--csv")
+    (exp_run,) = _client(repo).search_runs(
+        [_client(repo).get_experiment_by_name("tiny").experiment_id],
+        filter_string=f"tags.`dvc.exp_name` = '{exp}'",
+    )
+    assert exp_run.info.run_id == result["run_id"]
+    assert exp_run.data.params["train.epochs"] == "1"
+    runs = _task_runs(state, 6)
+    assert [r.name for r in runs][-4:] == [
+        "read-versions",
+        "experiment",
+        "read-versions",
+        "read-run",
+    ]
     report = _report(state)
-    assert "champion kept" in report and "| metric (test) | champion v1 | challenger v2 |" in report
+    assert "champion kept" in report and f"DVC experiment: `{exp}`" in report
+
+
+def test_the_documented_failure_automation_is_accepted(prefect_server: None) -> None:
+    """docs/prefect.md's automation snippet runs as written against a Prefect server."""
+    from prefect.automations import Automation
+
+    text = (REPO / "docs" / "prefect.md").read_text()
+    (snippet,) = [b.split("```")[0] for b in text.split("```python\n")[1:] if "Automation(" in b]
+    exec(compile(snippet, "docs/prefect.md", "exec"), {})
+    automation = Automation.read(name="vae flow failed")
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert automation.actions[0].type == "send-notification"

@@ -83,9 +83,9 @@ def _kill_repeatedly(
 
 def _tiny_slow_project(root: Path) -> Path:
     """Enough steps per epoch (~0.2 s) that a kill lands mid-epoch."""
-    write_idx_dataset(root / "data" / "raw" / "fashion_mnist", n_train=1200, n_test=50)
+    write_idx_dataset(root / "data" / "raw", n_train=1200, n_test=50)
     write_params(root / "params.yaml", train={"epochs": 5, "batch_size": 8})
-    assert _vae(root, "prepare", "--offline").wait(timeout=120) == 0
+    assert _vae(root, "prepare").wait(timeout=120) == 0
     return root
 
 
@@ -120,7 +120,7 @@ def test_sigkill_during_train_resumes_to_the_same_result(tmp_path: Path) -> None
 
 
 def test_sigkill_during_prepare_leaves_no_partial_file(tmp_path: Path) -> None:
-    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist", n_train=3000, n_test=500)
+    write_idx_dataset(tmp_path / "data" / "raw", n_train=3000, n_test=500)
     write_params(tmp_path / "params.yaml")
 
     def whole(path: Path) -> None:
@@ -132,7 +132,7 @@ def test_sigkill_during_prepare_leaves_no_partial_file(tmp_path: Path) -> None:
 
     _kill_repeatedly(
         tmp_path,
-        ["prepare", "--offline"],
+        ["prepare"],
         (0.5, 1.0, 1.5, 2.0),
         tmp_path / "data" / "prepared",
         whole,
@@ -146,10 +146,10 @@ def test_sigkill_during_export_or_generate_leaves_no_partial_file(
     import pandas as pd
     from PIL import Image
 
-    write_idx_dataset(tmp_path / "data" / "raw" / "fashion_mnist", n_train=2000, n_test=400)
+    write_idx_dataset(tmp_path / "data" / "raw", n_train=2000, n_test=400)
     write_params(tmp_path / "params.yaml", train={"epochs": 1})
     for step in ("prepare", "train"):
-        args = ["prepare", "--offline"] if step == "prepare" else [step]
+        args = ["prepare"] if step == "prepare" else [step]
         assert _vae(tmp_path, *args).wait(timeout=300) == 0
 
     def whole(path: Path) -> None:
@@ -172,7 +172,7 @@ def test_unexpected_exception_exits_70_with_its_traceback(
         raise ZeroDivisionError("a bug, not bad input")
 
     monkeypatch.setattr(vae.cli, "cmd_prepare", broken)
-    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare", "--offline"])
+    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare"])
     with pytest.raises(SystemExit) as info:
         vae.cli.run()
     assert info.value.code == vae.cli.EXIT_SOFTWARE == 70  # retryable, unlike 1 and 2
@@ -187,7 +187,7 @@ def test_unexpected_exception_exits_70_with_its_traceback(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(vae.cli, "cmd_prepare", interrupted)
-    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare", "--offline"])
+    monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare"])
     with pytest.raises(SystemExit) as info:  # Ctrl-C: the shell's 128 + SIGINT
         vae.cli.run()
     assert info.value.code == 130
@@ -198,16 +198,18 @@ def test_failed_download_exits_75(
 ) -> None:
     import torchvision.datasets
 
-    import vae.data
     from vae.cli import EXIT_TEMPFAIL, main
 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("no network")
 
-    monkeypatch.chdir(tmp_path)  # no project copy of the data here
-    write_params(tmp_path / "params.yaml")
-    monkeypatch.setitem(vae.data.SYSTEM_DIRS, "fashion_mnist", ())  # nor a Debian copy
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", data={"source": str(tmp_path / "nowhere")})
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    assert main(["-q", "prepare"]) == EXIT_TEMPFAIL == 75  # a later retry may find a network
+    out = tmp_path / "download"
+    assert main(["-q", "download", "--out", str(out)]) == EXIT_TEMPFAIL == 75  # retry later
     assert "no network" in capsys.readouterr().err
-    assert main(["-q", "prepare", "--offline"]) == 1  # nothing was fetched: not worth a retry
+    assert not out.exists() or not any(out.iterdir()), "a failed download leaves nothing"
+    assert main(["-q", "ingest"]) == 1  # the source is missing: a retry cannot fix that
+    err = capsys.readouterr().err
+    assert f"data.source: {tmp_path / 'nowhere'} not found" in err and "vae download" in err

@@ -20,7 +20,7 @@ from vae.train import NonFiniteLossError, lr_at, train
 
 @pytest.fixture
 def prepared(project: Path) -> Path:
-    assert main(["-q", "prepare", "--offline"]) == 0
+    assert main(["-q", "prepare"]) == 0
     return project / "data" / "prepared"
 
 

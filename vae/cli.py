@@ -7,7 +7,8 @@ so that a scheduler can tell what is worth retrying (``pipelines/flows.py`` does
 - 1: an expected failure that a retry cannot fix (bad data, a corrupt checkpoint, a NaN loss,
   an unknown registered model), with one line saying what and where;
 - 2: a bad param or argument, before any work;
-- 75 (``EX_TEMPFAIL``): a service or download could not be reached; a later retry may work;
+- 75 (``EX_TEMPFAIL``): a service or download could not be reached, or another process held
+  the registry lock too long; a later retry may work;
 - 70 (``EX_SOFTWARE``, from the ``vae`` command): an unexpected exception, with its traceback.
 """
 
@@ -26,10 +27,13 @@ from vae.stages import (
     MODELS,
     PLOTS,
     PREPARED,
+    RAW,
     StageError,
+    cmd_download,
     cmd_evaluate,
     cmd_export,
     cmd_generate,
+    cmd_ingest,
     cmd_log_run,
     cmd_prepare,
     cmd_register,
@@ -57,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
 
-    p = sub.add_parser("prepare", help="find the raw data, check it, write prepared splits")
-    p.add_argument("--raw", default="data/raw", help="the project's raw-data folder")
+    p = sub.add_parser("ingest", help="check data.source, then copy it to data/raw for DVC")
+    p.add_argument("--out", default=str(RAW), help="where the copy goes (default: %(default)s)")
+    p.add_argument("--check", action="store_true", help="only check every file; write nothing")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("download", help="download the IDX dataset with torchvision")
+    p.add_argument("--out", required=True, help="a folder; then set data.source to it")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("prepare", help="read data/raw, write seeded train/val/test splits")
+    p.add_argument("--raw", default=str(RAW), help="the ingested raw data (default: %(default)s)")
     p.add_argument("--out", default=str(PREPARED))
-    p.add_argument("--offline", action="store_true", help="never try torchvision's download")
     p.add_argument(
         "--strict",
         action="store_true",
@@ -124,16 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[Config, argparse.Namespace], None] = args.func
     from vae.checkpoint import CheckpointError
     from vae.data import DataError, DataUnavailable
-    from vae.mlflow_tracker import TrackingUnavailable
+    from vae.locks import LockTimeout
+    from vae.mlflow_tracker import RunNotFound, TrackingUnavailable
     from vae.registry import RegistryError
     from vae.train import NonFiniteLossError
 
+    permanent = (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError)
     try:
         func(cfg, args)
-    except (TrackingUnavailable, DataUnavailable) as exc:
+    except (TrackingUnavailable, DataUnavailable, LockTimeout) as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_TEMPFAIL
-    except (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError) as exc:
+    except (*permanent, RunNotFound) as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)

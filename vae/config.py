@@ -52,8 +52,9 @@ def _range(
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["fashion_mnist", "mnist", "folder"] = "fashion_mnist"
-    # Folder of same-sized images (PNG/JPEG, optionally one sub-folder per class) for `folder`.
-    folder: str | None = None
+    # The raw data, one folder: the four IDX files (fashion_mnist, mnist), or same-sized images
+    # with one sub-folder per class (folder). DVC hashes it; `vae ingest` copies it to data/raw.
+    source: str = "/usr/share/datasets/fashion-mnist"
     val_fraction: float = field(default=0.1, metadata=_range(gt=0.0, lt=1.0))
     # dynamic: resample x ~ Bernoulli(pixel) every time a batch is drawn; static: sample once in
     # `prepare`; none: keep grayscale intensities in [0, 1].
@@ -136,6 +137,9 @@ class MlflowConfig:
     enabled: bool = True
     experiment: str = "vae-fashion-mnist"
     registered_model: str = "vae-fashion-mnist"
+    # A DVC experiment (`dvc exp run`, queued or --temp) logs its run and model but registers
+    # no model version unless this is true; `dvc repro` always registers.
+    register_experiments: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,10 @@ class ScheduleConfig:
     # expression (minute hour day-of-month month day-of-week) in an IANA time zone.
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
+    # The longest any one flow task (a DVC stage, an experiment) may run; then its whole
+    # process group is killed and the flow run fails. Also how long a flow run waits for
+    # another one in the same workspace to finish.
+    timeout_minutes: float = field(default=180.0, metadata=_range(gt=0.0, le=10080.0))
 
 
 @dataclass(frozen=True)
@@ -240,7 +248,12 @@ def _check_range(key: str, value: Any, meta: Any) -> None:
         raise ConfigError(f"{key}: {value!r} is out of range; expected a value {expected}")
 
 
+_RENAMED = {"data.folder": "data.source"}
+
+
 def _unknown(key: str, valid: list[str]) -> ConfigError:
+    if key in _RENAMED:
+        return ConfigError(f"{key}: renamed to {_RENAMED[key]}; rename the key")
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"{key}: unknown key{hint}; valid keys are {', '.join(valid)}")
@@ -289,8 +302,8 @@ def _cross_checks(cfg: Config) -> None:
                 f"mlflow.{key}: {getattr(cfg.mlflow, key)!r} is not a valid name; "
                 "expected letters, digits, '.', '_' or '-'"
             )
-    if cfg.data.dataset == "folder" and not cfg.data.folder:
-        raise ConfigError("data.folder: required when data.dataset is 'folder'; expected a path")
+    if not cfg.data.source.strip():
+        raise ConfigError("data.source: empty; expected the folder that holds the raw data")
     _check_schedule(cfg.schedule)
 
 

@@ -1,24 +1,17 @@
-"""Datasets: find the raw files offline, check them, and write compact prepared splits.
+"""Prepared data: the seeded train/val/test splits that ``prepare`` writes, and batches.
 
-Raw Fashion-MNIST / MNIST files are looked for in this order:
-
-1. the project's raw folder, ``data/raw/<dataset>/`` (a user's copy, or ``dvc pull``);
-2. the Debian package's copy (``apt-get install dataset-fashion-mnist``);
-3. torchvision's download, for machines with internet.
-
-``prepare`` writes ``{train,val,test}.pt`` (a dict of uint8 images (N, C, H, W) and int64
-labels (N,), loadable with ``weights_only=True``) and ``manifest.json`` (counts, shapes and the
-sha256 of each raw file's decompressed IDX content, so a copy that is gzipped or not hashes the
-same). Raw files are never edited.
+``prepare`` reads the ingested raw data (``data/raw``, see :mod:`vae.raw`) and writes
+``{train,val,test}.pt`` (a dict of uint8 images (N, C, H, W) and int64 labels (N,), loadable
+with ``weights_only=True``) and ``manifest.json`` (counts, shapes and the sha256 of each raw
+file's content; for IDX files the decompressed content, so a copy that is gzipped or not hashes
+the same). Training draws float batches from the splits on the device.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,222 +19,19 @@ import torch
 
 from vae.config import DataConfig
 from vae.io import atomic_torch_save, atomic_write_json
+from vae.raw import DataError, DataUnavailable, Split, read_source
 
 __all__ = [
     "DataError",
     "DataUnavailable",
     "Split",
-    "SYSTEM_DIRS",
     "batch_to_float",
     "float_images",
-    "find_raw_files",
     "load_split",
     "prepare",
-    "read_idx",
 ]
 
 log = logging.getLogger(__name__)
-
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-SYSTEM_DIRS: dict[str, tuple[Path, ...]] = {
-    "fashion_mnist": (Path("/usr/share/datasets/fashion-mnist"),),
-    "mnist": (Path("/usr/share/datasets/mnist"),),
-}
-DEBIAN_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist", "mnist": "dataset-mnist"}
-CLASSES = {
-    "fashion_mnist": [
-        "T-shirt/top",
-        "Trouser",
-        "Pullover",
-        "Dress",
-        "Coat",
-        "Sandal",
-        "Shirt",
-        "Sneaker",
-        "Bag",
-        "Ankle boot",
-    ],
-    "mnist": [str(i) for i in range(10)],
-}
-TORCHVISION = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(RuntimeError):
-    """A dataset problem, with a message that names the file."""
-
-
-class DataUnavailable(DataError):
-    """No source had the raw files and the download failed: trying again later may work."""
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64; -1 where unlabelled
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# IDX files
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise DataError(f"{path}: cannot read ({exc}); the file is corrupt or truncated") from None
-
-
-def read_idx(path: Path, expect_ndim: int) -> tuple[torch.Tensor, str]:
-    """Read an unsigned-byte IDX file. Returns the tensor and the sha256 of its content."""
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expect_ndim:
-        found = raw[:4].hex() if len(raw) >= 4 else "nothing"
-        raise DataError(
-            f"{path}: wrong IDX magic number {found}; expected 000008{expect_ndim:02x} "
-            f"(unsigned bytes, {expect_ndim} dimension(s))"
-        )
-    header = 4 + 4 * expect_ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(expect_ndim)]
-    n = 1
-    for d in dims:
-        n *= d
-    if len(raw) != header + n:
-        raise DataError(
-            f"{path}: truncated or corrupt IDX file: header says {dims} ({header + n} bytes) "
-            f"but the file has {len(raw)} bytes"
-        )
-    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(dims)
-    return data, hashlib.sha256(raw).hexdigest()
-
-
-def _idx_in(folder: Path) -> dict[str, Path] | None:
-    found = {}
-    for key, stem in IDX_FILES.items():
-        for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                found[key] = folder / name
-                break
-        else:
-            return None
-    return found
-
-
-def find_raw_files(
-    dataset: str,
-    raw_dir: Path,
-    system_dirs: tuple[Path, ...] | None = None,
-    download: bool = True,
-) -> tuple[dict[str, Path], str]:
-    """Locate the four IDX files; return them and a word for where they came from."""
-    local = [raw_dir / dataset, raw_dir / "torchvision" / TORCHVISION[dataset] / "raw"]
-    for folder in local:
-        if files := _idx_in(folder):
-            return files, f"project copy ({folder})"
-    system_dirs = SYSTEM_DIRS[dataset] if system_dirs is None else system_dirs
-    for folder in system_dirs:
-        if files := _idx_in(folder):
-            return files, f"Debian package ({folder})"
-    error = ""
-    if download:
-        try:
-            import torchvision.datasets as tvd
-
-            getattr(tvd, TORCHVISION[dataset])(root=str(raw_dir / "torchvision"), download=True)
-            if files := _idx_in(local[1]):
-                return files, "torchvision download"
-        except Exception as exc:  # noqa: BLE001 - any failure means "not this way"
-            error = f" ({type(exc).__name__}: {str(exc)[:200]})"
-    names = ", ".join(s + "[.gz]" for s in IDX_FILES.values())
-    raise (DataUnavailable if error else DataError)(
-        f"{dataset}: raw files not found. Tried (1) the project copy in {local[0]}/ "
-        f"(put {names} there, or run `dvc pull`); (2) the Debian copy in "
-        f"{', '.join(map(str, system_dirs)) or '(none)'} "
-        f"(`apt-get install -y {DEBIAN_PACKAGES[dataset]}`); (3) torchvision's download"
-        f"{' (disabled)' if not download else ''}{error}."
-    )
-
-
-def _load_idx_splits(files: dict[str, Path]) -> tuple[dict[str, Split], dict[str, str]]:
-    tensors, hashes = {}, {}
-    for key, path in files.items():
-        ndim = 3 if key.endswith("images") else 1
-        tensors[key], hashes[path.name.removesuffix(".gz")] = read_idx(path, ndim)
-    splits = {}
-    for split in ("train", "test"):
-        images, labels = tensors[f"{split}_images"], tensors[f"{split}_labels"]
-        if images.shape[0] != labels.shape[0]:
-            raise DataError(
-                f"{files[f'{split}_labels']}: {labels.shape[0]} labels but "
-                f"{files[f'{split}_images'].name} has {images.shape[0]} images"
-            )
-        if tuple(images.shape[1:]) != (28, 28):
-            raise DataError(
-                f"{files[f'{split}_images']}: images are {tuple(images.shape[1:])}; expected 28x28"
-            )
-        if labels.numel() and int(labels.max()) > 9:
-            raise DataError(f"{files[f'{split}_labels']}: label {int(labels.max())} is not 0-9")
-        splits[split] = Split(images.unsqueeze(1).contiguous(), labels.long())
-    return splits, hashes
-
-
-# ---------------------------------------------------------------------------------------------
-# A folder of images
-
-
-def _load_folder(folder: Path) -> tuple[Split, list[str], dict[str, str]]:
-    from PIL import Image, UnidentifiedImageError
-
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{folder}: the image folder is empty")
-    classes = sorted({p.parent.name for p in files if p.parent != folder})
-    images, labels, hashes = [], [], {}
-    shape = None
-    for p in files:
-        if p.suffix.lower() not in IMAGE_SUFFIXES:
-            raise DataError(f"{p}: not an image file (expected one of {sorted(IMAGE_SUFFIXES)})")
-        try:
-            with Image.open(p) as im:
-                im.load()
-                arr = _pil_to_uint8(im)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{p}: cannot read the image ({exc})") from None
-        if shape is None:
-            shape = arr.shape
-        elif arr.shape != shape:
-            raise DataError(
-                f"{p}: image shape {tuple(arr.shape)} differs from {tuple(shape)} "
-                f"of {files[0]}; all images must have one size and mode"
-            )
-        images.append(arr)
-        labels.append(classes.index(p.parent.name) if p.parent != folder else -1)
-        hashes[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return Split(torch.stack(images), torch.tensor(labels, dtype=torch.long)), classes, hashes
-
-
-def _pil_to_uint8(im: Any) -> torch.Tensor:
-    import numpy as np
-
-    if im.mode not in ("L", "RGB"):
-        im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK") else "L")
-    arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,38 +55,31 @@ def prepare(
     cfg: DataConfig,
     out_dir: Path,
     raw_dir: Path = Path("data/raw"),
-    system_dirs: tuple[Path, ...] | None = None,
-    download: bool = True,
     strict: bool = False,
 ) -> dict[str, Any]:
-    """Read the raw dataset, hold out validation, write the splits and return the manifest.
+    """Read the ingested raw data, hold out validation, write the splits; return the manifest.
 
     If ``out_dir`` already holds a manifest whose raw-file sha256 differ from the files read
     now, the changed files are named in a warning, or, with ``strict``, in a :class:`DataError`
     before anything is written.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
+    raw = read_source(cfg.dataset, raw_dir)
     if cfg.dataset == "folder":
-        assert cfg.folder is not None
-        everything, classes, hashes = _load_folder(Path(cfg.folder))
-        rest, test = _split_off(everything, cfg.val_fraction, gen)
-        source = f"image folder ({cfg.folder})"
+        rest, test = _split_off(raw.splits["all"], cfg.val_fraction, gen)
     else:
-        files, source = find_raw_files(cfg.dataset, raw_dir, system_dirs, download)
-        splits, hashes = _load_idx_splits(files)
-        rest, test = splits["train"], splits["test"]
-        classes = CLASSES[cfg.dataset]
+        rest, test = raw.splits["train"], raw.splits["test"]
     train, val = _split_off(rest, cfg.val_fraction, gen)
     splits = {"train": train, "val": val, "test": test}
     if cfg.binarize == "static":  # sampled once, with the data seed; later reads are fixed
         splits = {k: Split(binarize_uint8(s.images, gen), s.labels) for k, s in splits.items()}
+    hashes = raw.sha256
     manifest = {
         "dataset": cfg.dataset,
-        "source": source,
         "binarize": cfg.binarize,
         "seed": cfg.seed,
         "val_fraction": cfg.val_fraction,
-        "classes": classes,
+        "classes": raw.classes,
         "image_shape": list(train.images.shape[1:]),
         "splits": {k: {"count": len(s), "shape": list(s.images.shape)} for k, s in splits.items()},
         "raw_sha256": dict(sorted(hashes.items())),
@@ -312,7 +95,7 @@ def prepare(
     log.info(
         "prepared %s from %s: %s",
         cfg.dataset,
-        source,
+        raw_dir,
         ", ".join(f"{k}={len(s)}" for k, s in splits.items()),
     )
     return manifest

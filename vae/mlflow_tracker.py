@@ -7,7 +7,9 @@ same run.
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server: credentials come from
 ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, never
-from params), else the project's ``sqlite:///mlflow.db``.
+from params), else the project's ``mlflow.db``. The project is DVC's ``DVC_ROOT`` when DVC runs
+the command, so an experiment that runs in a temporary copy (``dvc exp run --temp``, queued
+experiments) logs into the project's store, not the copy's; otherwise it is the current folder.
 """
 
 from __future__ import annotations
@@ -18,33 +20,53 @@ import re
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from vae.config import MlflowConfig
+from vae.config import Config, MlflowConfig
 from vae.io import atomic_write_json, load_json
+from vae.lineage import dvc_root
 
 __all__ = [
-    "DEFAULT_TRACKING_URI",
     "MlflowTracker",
+    "RunNotFound",
     "TrackingUnavailable",
     "check_reachable",
     "flatten_metrics",
+    "log_stage",
     "open_run",
+    "start_pipeline_run",
     "tracker_from_run_file",
     "tracking_uri",
 ]
 
+if TYPE_CHECKING:
+    import torch
+
 log = logging.getLogger(__name__)
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 class TrackingUnavailable(RuntimeError):
     """The tracking server cannot be reached."""
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+class RunNotFound(RuntimeError):
+    """The run named by ``models/mlflow_run.json`` is not in this tracking store."""
+
+
+def project_root(root: str | Path | None = None) -> Path:
+    """The project whose ``mlflow.db`` is the default store: ``root``, DVC_ROOT, or the cwd."""
+    return Path(root or dvc_root() or Path.cwd()).resolve()
+
+
+def local_store(root: str | Path | None = None) -> str:
+    return f"sqlite:///{project_root(root) / 'mlflow.db'}"
+
+
+def tracking_uri(root: str | Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI``, else the project's ``sqlite:///<project>/mlflow.db``."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_store(root)
 
 
 def redact(uri: str) -> str:
@@ -67,7 +89,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(exc, "reason", exc)
         raise TrackingUnavailable(
             f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, fix "
-            f"MLFLOW_TRACKING_URI, or unset it to track locally in {DEFAULT_TRACKING_URI}"
+            "MLFLOW_TRACKING_URI, or unset it to track in the project's mlflow.db"
         ) from None
 
 
@@ -194,7 +216,7 @@ def open_run(
     check_reachable(uri)
     client = _client(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment)
+    exp_id = exp.experiment_id if exp else _create_experiment(client, cfg.experiment, uri)
     run_id = None
     if run_file.is_file():
         old = load_json(run_file).get("run_id")
@@ -222,17 +244,96 @@ def open_run(
     return tracker
 
 
+def _create_experiment(client: Any, name: str, uri: str) -> str:
+    # The project's own store keeps artifacts in <project>/mlruns. MLflow's default would be
+    # ./mlruns of whichever folder first creates the experiment, and for a --temp or queued DVC
+    # experiment that is a copy under .dvc/tmp/exps, deleted when the experiment ends.
+    location = None
+    if uri == local_store():
+        location = (project_root() / "mlruns" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
 def tracker_from_run_file(run_file: Path) -> MlflowTracker | None:
-    """The tracker for the run ``vae train`` started, or None if tracking was off."""
+    """The tracker for the run ``vae train`` started, or None if tracking was off.
+
+    The run must exist in this store: a clone that pulled ``models/`` from a DVC remote may hold
+    the id of a run logged to another clone's store. That is a :class:`RunNotFound` naming both
+    stores, never a silent new run: the stage's records belong with the model's training run.
+    """
     if not run_file.is_file():
         return None
-    run_id = load_json(run_file).get("run_id")
+    record = load_json(run_file)
+    run_id = record.get("run_id")
     if not run_id:
         return None
     uri = tracking_uri()
     check_reachable(uri)
-    return MlflowTracker(_client(uri), run_id)
+    missing = RunNotFound(
+        f"{run_file}: MLflow run {run_id} is not in {redact(uri)}; it was logged to "
+        f"{record.get('tracking_uri', 'another store')}. Point MLFLOW_TRACKING_URI at that "
+        "store, run `vae train` to start a run here, or set mlflow.enabled: false"
+    )
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise missing  # and opening it would leave an empty store behind
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if not isinstance(exc, MlflowException) or exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise missing from None
+    return MlflowTracker(client, run_id)
 
 
 def write_disabled_run_file(run_file: Path) -> None:
     atomic_write_json(run_file, {"run_id": None})
+
+
+def start_pipeline_run(
+    cfg: Config, run_file: Path, manifest: dict, device: torch.device
+) -> MlflowTracker | None:
+    """Start (or reopen) the pipeline's MLflow run, with its params and tags; None if off."""
+    from vae.lineage import data_hashes, experiment_tags, under_dvc
+
+    if not cfg.mlflow.enabled:
+        write_disabled_run_file(run_file)
+        return None
+    import torch
+
+    import vae
+
+    tracker = open_run(cfg.mlflow, run_file, cfg.flat())
+    tracker.log_params(cfg.flat())
+    commit = git_commit()
+    tracker.set_tags(
+        {
+            "git_commit": commit,
+            "mlflow.source.git.commit": commit,
+            "dataset": cfg.data.dataset,
+            "dataset_sha256": manifest["dataset_sha256"],
+            "device": str(device),
+            "torch_version": str(torch.__version__),
+            "vae_version": vae.__version__,
+            **experiment_tags(),
+            # DVC's hashes of the raw and prepared data, as dvc.lock recorded them when DVC ran
+            # the upstream stages; a command run by hand has no such record.
+            **(data_hashes() if under_dvc() else {}),
+        }
+    )
+    return tracker
+
+
+def log_stage(
+    tracker: MlflowTracker | None, stage: str, metrics: dict, artifacts: Sequence[Path] = ()
+) -> None:
+    """Send the stage's metrics dict (the one written to JSON) and its artifacts to MLflow."""
+    if tracker is None:
+        return
+    tracker.log_metrics(flatten_metrics(metrics, f"{stage}."))
+    for path in artifacts:
+        tracker.log_artifact(path, stage)
+    if stage != "train" and (problem := tracker.report()):
+        logging.getLogger("vae").warning("vae %s: %s", stage, problem)

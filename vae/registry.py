@@ -21,7 +21,14 @@ import numpy as np
 from vae.model import VAE
 from vae.pyfunc import DEFAULT_PARAMS, load_vae_dir, save_vae_dir
 
-__all__ = ["RegistryError", "decide_promotion", "load_vae", "pyfunc_signature", "register"]
+__all__ = [
+    "RegistryError",
+    "decide_promotion",
+    "load_vae",
+    "log_model",
+    "pyfunc_signature",
+    "register",
+]
 
 log = logging.getLogger(__name__)
 TAGGED_METRICS = (
@@ -90,26 +97,16 @@ def _champion(client: Any, name: str) -> Any | None:
         return None
 
 
-def register(
-    model: VAE,
-    name: str,
-    run_id: str,
-    eval_metrics: dict[str, Any] | None,
-    eval_key: dict[str, str],
-    reevaluate: Callable[[VAE], float],
-) -> dict[str, Any]:
-    """Register ``model`` from run ``run_id`` and apply the promotion gate.
+REGISTER_LOCK_TIMEOUT = 1800.0  # seconds: longer than any registration with a re-scored champion
 
-    ``eval_key`` identifies the test data and the estimator (dataset hash, K, seed): a
-    champion's tagged ``nll_iw`` is compared only if its key is the same, otherwise the champion
-    is re-scored on this test data with ``reevaluate(champion_model) -> nll_iw``.
-    """
+
+def log_model(model: VAE, run_id: str) -> str:
+    """Log ``model`` into run ``run_id`` as a pyfunc model; returns its model URI."""
     import mlflow
 
     from vae.mlflow_tracker import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
-    client = _client()
     with tempfile.TemporaryDirectory() as tmp:
         save_vae_dir(model, Path(tmp) / "vae")
         with mlflow.start_run(run_id=run_id):
@@ -120,14 +117,60 @@ def register(
                 signature=pyfunc_signature(),
                 input_example=np.zeros((1, math.prod(model.image_shape)), dtype=np.float32),
                 pip_requirements=_requirements(),
-                registered_model_name=name,
             )
-    version = str(info.registered_model_version)
+    return str(info.model_uri)
+
+
+def register(
+    model: VAE,
+    name: str,
+    run_id: str,
+    eval_metrics: dict[str, Any] | None,
+    eval_key: dict[str, str],
+    reevaluate: Callable[[VAE], float],
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Register ``model`` from run ``run_id`` and apply the promotion gate.
+
+    ``eval_key`` identifies the test data and the estimator (dataset hash, K, seed): a
+    champion's tagged ``nll_iw`` is compared only if its key is the same, otherwise the champion
+    is re-scored on this test data with ``reevaluate(champion_model) -> nll_iw``. ``tags`` go
+    on the new version too (DVC's data hashes, the DVC experiment).
+
+    Registering, reading the champion and moving the aliases happen under a file lock per store
+    and model (:func:`vae.locks.registry_lock_path`), so two processes (queue workers, a
+    scheduled flow) never both read the same champion and both move it.
+    """
+    from vae.locks import file_lock, registry_lock_path
+    from vae.mlflow_tracker import tracking_uri
+
+    model_uri = log_model(model, run_id)
+    uri = tracking_uri()
+    with file_lock(registry_lock_path(uri, name), REGISTER_LOCK_TIMEOUT, f"registering {name}"):
+        return _register_and_gate(model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags)
+
+
+def _register_and_gate(
+    model_uri: str,
+    name: str,
+    run_id: str,
+    eval_metrics: dict[str, Any] | None,
+    eval_key: dict[str, str],
+    reevaluate: Callable[[VAE], float],
+    tags: dict[str, str] | None,
+) -> dict[str, Any]:
+    import mlflow
+
+    client = _client()
+    version = str(mlflow.register_model(model_uri, name).version)
     new_nll = _finite(eval_metrics.get("nll_iw")) if eval_metrics else None
-    tags = {k: str(eval_metrics[k]) for k in TAGGED_METRICS if eval_metrics and k in eval_metrics}
-    tags.update(eval_key)
-    tags["evaluated"] = str(new_nll is not None).lower()
-    for key, value in tags.items():
+    all_tags = {
+        k: str(eval_metrics[k]) for k in TAGGED_METRICS if eval_metrics and k in eval_metrics
+    }
+    all_tags.update(eval_key)
+    all_tags.update(tags or {})
+    all_tags["evaluated"] = str(new_nll is not None).lower()
+    for key, value in all_tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, "challenger", version)
 
@@ -156,6 +199,7 @@ def register(
     )
     return {
         "name": name,
+        "registered": True,
         "version": int(version),
         "promoted": promoted,
         "reason": reason,
@@ -164,6 +208,7 @@ def register(
         "nll_iw": new_nll,
         "champion_nll_iw": champion_nll,
         "run_id": run_id,
+        "model_uri": model_uri,
     }
 
 

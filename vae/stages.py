@@ -11,7 +11,6 @@ import argparse
 import csv
 import io
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vae")
 
+RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 MODELS = Path("models")
 METRICS = Path("metrics")
@@ -53,36 +53,6 @@ def _check_prepared(cfg: Config, prepared: Path) -> dict:
     return manifest
 
 
-def _open_training_run(
-    cfg: Config, run_file: Path, manifest: dict, device: torch.device
-) -> MlflowTracker | None:
-    """Start (or reopen) the pipeline's MLflow run before any training; None if tracking is off."""
-    from vae.mlflow_tracker import git_commit, open_run, write_disabled_run_file
-
-    if not cfg.mlflow.enabled:
-        write_disabled_run_file(run_file)
-        return None
-    import torch
-
-    import vae
-
-    tracker = open_run(cfg.mlflow, run_file, cfg.flat())
-    tracker.log_params(cfg.flat())
-    commit = git_commit()
-    tracker.set_tags(
-        {
-            "git_commit": commit,
-            "mlflow.source.git.commit": commit,
-            "dataset": cfg.data.dataset,
-            "dataset_sha256": manifest["dataset_sha256"],
-            "device": str(device),
-            "torch_version": str(torch.__version__),
-            "vae_version": vae.__version__,
-        }
-    )
-    return tracker
-
-
 def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
     """The run ``vae train`` started, opened before the stage does any work."""
     if not cfg.mlflow.enabled:
@@ -92,37 +62,35 @@ def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
     return tracker_from_run_file(Path(args.models) / RUN_FILE)
 
 
-def _log_stage(
-    tracker: MlflowTracker | None, stage: str, metrics: dict, artifacts: Sequence[Path] = ()
-) -> None:
-    """Send the stage's metrics dict (the one written to JSON) and its artifacts to MLflow."""
-    if tracker is None:
-        return
-    from vae.mlflow_tracker import flatten_metrics
+def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.raw import check_source, ingest
 
-    tracker.log_metrics(flatten_metrics(metrics, f"{stage}."))
-    for path in artifacts:
-        tracker.log_artifact(path, stage)
-    if stage != "train" and (problem := tracker.report()):
-        log.warning("vae %s: %s", stage, problem)
+    if args.check:
+        raw = check_source(cfg.data.dataset, cfg.data.source)
+        counts = ", ".join(f"{len(s)} {k}" for k, s in raw.splits.items())
+        log.info("%s: %d files, %s images; all read", cfg.data.source, len(raw.sha256), counts)
+        return
+    ingest(cfg.data.dataset, cfg.data.source, Path(args.out))
+
+
+def cmd_download(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.raw import download
+
+    out = download(cfg.data.dataset, Path(args.out))
+    log.info("downloaded %s to %s; set data.source: %s to use it", cfg.data.dataset, out, out)
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import prepare
 
-    prepare(
-        cfg.data,
-        Path(args.out),
-        raw_dir=Path(args.raw),
-        download=not args.offline,
-        strict=args.strict,
-    )
+    prepare(cfg.data, Path(args.out), raw_dir=Path(args.raw), strict=args.strict)
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from vae import distributed
     from vae.data import load_split
     from vae.distributed import select_device
+    from vae.mlflow_tracker import start_pipeline_run
     from vae.train import train
 
     prepared = Path(args.data)
@@ -132,7 +100,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
         device = ddp_device or select_device(cfg.train.device)
         tracker = None
         if rank == 0:  # only rank 0 tracks and writes
-            tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+            tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
             log.info("training on %s%s", device, f" x {world} processes" if world > 1 else "")
         result = train(
             cfg,
@@ -153,6 +121,7 @@ def _write_training_outputs(
     result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
 ) -> None:
     from vae.io import atomic_write_json, atomic_write_text
+    from vae.mlflow_tracker import log_stage
 
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
     buf = io.StringIO()
@@ -161,7 +130,7 @@ def _write_training_outputs(
     writer.writerows(result.history)
     atomic_write_text(Path(args.plots) / "train.csv", buf.getvalue())
     if tracker is not None:
-        _log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
+        log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
         tracker.finish()
         if problem := tracker.report():
             log.warning("vae train: %s", problem)
@@ -187,6 +156,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import float_images, load_split
     from vae.evaluate import evaluate
     from vae.io import atomic_write_json
+    from vae.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -197,7 +167,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
         model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
     )
     atomic_write_json(Path(args.metrics) / "eval.json", metrics)
-    _log_stage(tracker, "evaluate", metrics, [Path(args.metrics) / "eval.json"])
+    log_stage(tracker, "evaluate", metrics, [Path(args.metrics) / "eval.json"])
     log.info(
         "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
         -metrics["elbo"],
@@ -212,6 +182,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import load_split
     from vae.export import export
     from vae.io import atomic_write_json
+    from vae.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -224,7 +195,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
         model, splits, cfg.data.binarize, cfg.export, Path(args.out), seed=cfg.export.seed
     )
     atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
-    _log_stage(tracker, "export", metrics, [Path(args.metrics) / "downstream.json"])
+    log_stage(tracker, "export", metrics, [Path(args.metrics) / "downstream.json"])
     log.info(
         "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
         metrics["linear_probe_accuracy"] or 0.0,
@@ -238,6 +209,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data import load_split
     from vae.generate import generate
+    from vae.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
@@ -251,31 +223,22 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
         Path(args.out),
         class_names=manifest.get("classes"),
     )
-    _log_stage(tracker, "generate", {}, [Path(p) for p in paths.values()])
+    log_stage(tracker, "generate", {}, [Path(p) for p in paths.values()])
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.data import float_images, load_split
-    from vae.io import atomic_write_json, load_json
+    from vae.io import atomic_write_json
+    from vae.lineage import experiment_name
+    from vae.mlflow_tracker import log_stage
 
     out = Path(args.metrics) / "registry.json"
     name = cfg.mlflow.registered_model
     if not cfg.mlflow.enabled:
-        atomic_write_json(
-            out,
-            {
-                "name": name,
-                "version": None,
-                "promoted": False,
-                "reason": "mlflow.enabled is false; nothing registered",
-            },
-        )
+        reason = "mlflow.enabled is false; nothing registered"
+        atomic_write_json(out, _not_registered(name, reason))
         log.info("mlflow.enabled is false: not registering")
         return
-    from vae.evaluate import evaluate
-    from vae.registry import register
-
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
     tracker = _stage_run(cfg, args)
@@ -285,6 +248,55 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
             "mlflow.enabled: true first"
         )
     model, _, device = _load_trained(cfg, args)
+    exp = experiment_name()
+    if exp and not cfg.mlflow.register_experiments:
+        decision = _log_only(model, name, tracker.run_id, exp)
+    else:
+        decision = _register(cfg, args, model, tracker.run_id, manifest, device)
+    atomic_write_json(out, decision)
+    logged = {k: decision[k] for k in ("version", "promoted") if decision[k] is not None}
+    log_stage(tracker, "register", logged, [out])
+
+
+def _not_registered(name: str, reason: str, **extra: object) -> dict:
+    return {
+        "name": name,
+        "registered": False,
+        "version": None,
+        "promoted": False,
+        "reason": reason,
+        **extra,
+    }
+
+
+def _log_only(model: VAE, name: str, run_id: str, exp: str) -> dict:
+    """An experiment's model: logged into its run, registered only on request."""
+    from vae.registry import log_model
+
+    model_uri = log_model(model.cpu(), run_id)
+    reason = (
+        f"DVC experiment {exp!r}: experiments register no version unless "
+        "mlflow.register_experiments is true; the model is logged to its run"
+    )
+    log.info("%s; register it with mlflow.register_model(%r, %r)", reason, model_uri, name)
+    return _not_registered(name, reason, run_id=run_id, model_uri=model_uri)
+
+
+def _register(
+    cfg: Config,
+    args: argparse.Namespace,
+    model: VAE,
+    run_id: str,
+    manifest: dict,
+    device: torch.device,
+) -> dict:
+    from vae.data import float_images, load_split
+    from vae.evaluate import evaluate
+    from vae.io import load_json
+    from vae.lineage import data_hashes, experiment_tags, under_dvc
+    from vae.registry import register
+
+    name = cfg.mlflow.registered_model
     eval_path = Path(args.metrics) / "eval.json"
     eval_metrics = load_json(eval_path) if eval_path.is_file() else None
     eval_key = {
@@ -295,13 +307,12 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     }
 
     def reevaluate(champion: VAE) -> float:
-        test = load_split(prepared / "test.pt", device)
+        test = load_split(Path(args.data) / "test.pt", device)
         x = float_images(test, cfg.data.binarize, cfg.evaluate.seed)
         return evaluate(champion.to(device), x, cfg.evaluate)["nll_iw"]
 
-    decision = register(model.cpu(), name, tracker.run_id, eval_metrics, eval_key, reevaluate)
-    atomic_write_json(out, decision)
-    _log_stage(tracker, "register", {k: decision[k] for k in ("version", "promoted")}, [out])
+    tags = {**experiment_tags(), **(data_hashes() if under_dvc() else {})}
+    decision = register(model.cpu(), name, run_id, eval_metrics, eval_key, reevaluate, tags)
     log.info(
         "registered %s v%d; %s: %s",
         name,
@@ -309,18 +320,20 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
         "promoted to champion" if decision["promoted"] else "champion unchanged",
         decision["reason"],
     )
+    return decision
 
 
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
     from vae.io import load_json
+    from vae.mlflow_tracker import log_stage, start_pipeline_run
 
     if not cfg.mlflow.enabled:
         raise StageError("mlflow.enabled is false; nothing to log")
     manifest = _check_prepared(cfg, Path(args.data))
     metrics, plots, reports = Path(args.metrics), Path(args.plots), Path(args.reports)
     device = load_json(metrics / "train.json").get("device", "unknown")
-    tracker = _open_training_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+    tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
     assert tracker is not None
     with open(plots / "train.csv") as f:
         for row in csv.DictReader(f):
@@ -333,7 +346,7 @@ def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
         ("generate", None, sorted(reports.glob("*.png"))),
     ):
         if name is None or (metrics / name).is_file():
-            _log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)
+            log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)
     tracker.finish()
     if problem := tracker.report():
         raise StageError(problem)
