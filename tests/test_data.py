@@ -198,3 +198,41 @@ def test_changed_raw_files_warn_or_refuse(tmp_path: Path, caplog: pytest.LogCapt
         second = prepare(DataConfig(), out, raw_dir=tmp_path / "raw")
     assert "raw files differ" in caplog.text
     assert second["dataset_sha256"] != first["dataset_sha256"]
+
+
+def _noise_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    noise = torch.randint(0, 256, (8, 8), generator=torch.Generator().manual_seed(seed))
+    Image.fromarray(noise.to(torch.uint8).numpy()).save(path)
+
+
+def _split_of_each_image(out: Path) -> dict[bytes, str]:
+    return {
+        image.numpy().tobytes(): name
+        for name in ("train", "val", "test")
+        for image in load_split(out / f"{name}.pt").images
+    }
+
+
+def test_folder_splits_stay_put_as_the_folder_grows(tmp_path: Path) -> None:
+    """An image's split depends on its content alone: new images never move old ones (so a
+    champion is never re-scored on images it was trained on), and duplicates share a split."""
+    for i in range(80):
+        _noise_png(tmp_path / "imgs" / ("a", "b")[i % 2] / f"{i}.png", seed=i)
+    cfg = DataConfig(dataset="folder", val_fraction=0.2)
+    first = prepare(cfg, tmp_path / "one", raw_dir=tmp_path / "imgs")
+    for i in range(80, 200):
+        _noise_png(tmp_path / "imgs" / ("a", "b")[i % 2] / f"{i}.png", seed=i)
+    _noise_png(tmp_path / "imgs" / "b" / "copy-of-3.png", seed=3)  # a duplicate
+    second = prepare(cfg, tmp_path / "two", raw_dir=tmp_path / "imgs")
+    before, after = (_split_of_each_image(tmp_path / d) for d in ("one", "two"))
+    assert all(after[image] == split for image, split in before.items())
+    counts = {k: v["count"] for k, v in second["splits"].items()}
+    assert sum(counts.values()) == 201 and 20 <= counts["test"] <= 60, counts
+    assert sum(s["count"] for s in first["splits"].values()) == 80
+    with pytest.raises(
+        DataError, match=r"data\.val_fraction: 0\.0001 leaves no val images among 201"
+    ):
+        prepare(
+            DataConfig(dataset="folder", val_fraction=0.0001), tmp_path / "x", tmp_path / "imgs"
+        )

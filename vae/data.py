@@ -51,6 +51,37 @@ def _split_off(split: Split, fraction: float, gen: torch.Generator) -> tuple[Spl
     )
 
 
+def _split_by_content(
+    images: Split, digests: list[str], fraction: float, seed: int
+) -> tuple[Split, Split, Split]:
+    """A folder's train, val and test splits, each image's split decided by its content's hash.
+
+    A folder grows between retraining runs. A seeded permutation would reshuffle every split
+    when one image is added, so the champion's re-score on the new test split would include
+    images it was trained on. Here an image's split depends only on its bytes (and the seed):
+    it never moves, and identical images always share a split. Test holds ~``fraction`` of the
+    images and val ~``fraction`` of the rest, as for the IDX datasets.
+    """
+
+    def uniform(salt: str) -> torch.Tensor:  # one number in [0, 1) per image
+        hexes = (hashlib.sha256(f"{seed}:{salt}:{d}".encode()).hexdigest() for d in digests)
+        return torch.tensor([int(h[:13], 16) / 16**13 for h in hexes], dtype=torch.float64)
+
+    test = uniform("test") < fraction
+    val = ~test & (uniform("val") < fraction)
+    masks = {"train": ~test & ~val, "val": val, "test": test}
+    for name, mask in masks.items():
+        if not bool(mask.any()):
+            raise DataError(
+                f"data.val_fraction: {fraction} leaves no {name} images among {len(images)}; "
+                "add images or change it"
+            )
+    train, val_split, test_split = (
+        Split(images.images[m], images.labels[m]) for m in masks.values()
+    )
+    return train, val_split, test_split
+
+
 def prepare(
     cfg: DataConfig,
     out_dir: Path,
@@ -66,10 +97,11 @@ def prepare(
     gen = torch.Generator().manual_seed(cfg.seed)
     raw = read_source(cfg.dataset, raw_dir)
     if cfg.dataset == "folder":
-        rest, test = _split_off(raw.splits["all"], cfg.val_fraction, gen)
-    else:
-        rest, test = raw.splits["train"], raw.splits["test"]
-    train, val = _split_off(rest, cfg.val_fraction, gen)
+        digests = list(raw.sha256.values())  # in the order of the images
+        train, val, test = _split_by_content(raw.splits["all"], digests, cfg.val_fraction, cfg.seed)
+    else:  # the IDX test set is given; val is a seeded draw from the training set
+        train, val = _split_off(raw.splits["train"], cfg.val_fraction, gen)
+        test = raw.splits["test"]
     splits = {"train": train, "val": val, "test": test}
     if cfg.binarize == "static":  # sampled once, with the data seed; later reads are fixed
         splits = {k: Split(binarize_uint8(s.images, gen), s.labels) for k, s in splits.items()}

@@ -101,7 +101,8 @@ class RawData:
 
     splits: dict[str, Split]
     classes: list[str]
-    sha256: dict[str, str]  # file (relative to the source) -> sha256 of its content
+    # file (relative to the source) -> sha256 of its content; for a folder, in image order
+    sha256: dict[str, str]
 
 
 # ---------------------------------------------------------------------------------------------
