@@ -59,6 +59,9 @@ class StageFailed(RuntimeError):
         super().__init__(f"{stage}: {reason}")
         self.stage, self.exit_code, self.tail, self.timed_out = stage, exit_code, tail, timed_out
 
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect persists a failed task's exception
+        return StageFailed, (self.stage, self.exit_code, self.tail, self.timed_out)
+
     @property
     def retryable(self) -> bool:
         return not self.timed_out and self.exit_code not in PERMANENT_EXIT_CODES

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -187,6 +188,8 @@ def test_stage_retries_only_what_a_retry_can_fix(prefect_server: None, tmp_path:
         assert (tmp_path / f"{stage}.attempts").read_text().count("x") == attempts, stage
     assert StageFailed("bug", 70, "").retryable and StageFailed("x", None, "").retryable
     assert not StageFailed("slow", None, "", timed_out=True).retryable
+    again = pickle.loads(pickle.dumps(exc))  # how Prefect persists a failed task's exception
+    assert (str(again), again.exit_code, again.retryable) == (str(exc), 75, True)
 
 
 def _alive(pid: int) -> bool:
