@@ -169,3 +169,4 @@ def test_sigterm_stops_serving_within_10s_and_ends_the_run(
             10,
         )
     assert state.type.value in {"CANCELLED", "CRASHED"}, (state, took)
+    print(f"[{target}] exited {took:.1f} s after SIGTERM; the flow run ended {state.type.value}")
