@@ -48,7 +48,7 @@ IO_STAGES = frozenset({"ingest", REGISTER})  # they read data or talk to MLflow:
 
 def _run(stage: str, root: str, cfg: Config) -> bool:
     """Stage ``stage`` as its own task, with its deadline, retries and (register) lock."""
-    timeout = cfg.schedule.timeout_minutes * 60
+    timeout = cfg.schedule.timeout_seconds
     options: dict[str, Any] = {"name": stage, "task_run_name": stage}
     options["timeout_seconds"] = timeout + 60  # a backstop; the task kills the stage first
     if stage in IO_STAGES:
@@ -62,7 +62,7 @@ def vae_pipeline(root: str = ".") -> dict[str, bool]:
     """The DVC pipeline, one task per stage; ``{stage: ran}`` (False = DVC found it up to date)."""
     root = str(Path(root).resolve())
     cfg = load_params(Path(root) / "params.yaml")  # a bad param fails before any work
-    with workspace_lock(root, cfg.schedule.timeout_minutes * 60):
+    with workspace_lock(root, cfg.schedule.timeout_seconds):
         return {s: _run(s, root, cfg) for s in stage_order(root)}
 
 
@@ -95,7 +95,7 @@ def vae_retrain(force: bool = False, epochs: int | None = None, root: str = ".")
     stages = stage_order(root)
     if PREPARE not in stages or REGISTER not in stages:
         raise ValueError(f"dvc.yaml must have stages {PREPARE!r} and {REGISTER!r}: {stages}")
-    with workspace_lock(root, cfg.schedule.timeout_minutes * 60):
+    with workspace_lock(root, cfg.schedule.timeout_seconds):
         return _retrain(root, cfg, stages, force, overrides)
 
 
@@ -103,7 +103,7 @@ def _retrain(
     root: str, cfg: Config, stages: list[str], force: bool, overrides: list[str]
 ) -> dict[str, Any]:
     name, uri = cfg.mlflow.registered_model, tracking_uri(root)
-    timeout = cfg.schedule.timeout_minutes * 60
+    timeout = cfg.schedule.timeout_seconds
     check_data(root, timeout)
     data_stages = stages[: stages.index(PREPARE) + 1]
     ran = {s: _run(s, root, cfg) for s in data_stages}

@@ -142,3 +142,13 @@ def make_dvc_project(root: Path, source: Path, **sections: dict[str, Any]) -> Pa
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "tiny project")
     return root
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie counts as dead (an orphan killed in a container may
+    linger as one when PID 1 does not reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -28,6 +28,7 @@ from tests.conftest import (
     TINY_PARAMS,
     dvc,
     make_dvc_project,
+    process_alive,
     run,
     subprocess_env,
     tiny_params,
@@ -192,14 +193,6 @@ def test_stage_retries_only_what_a_retry_can_fix(prefect_server: None, tmp_path:
     assert (str(again), again.exit_code, again.retryable) == (str(exc), 75, True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"  # an orphan killed in a container may linger as a zombie
-
-
 def test_task_deadline_kills_the_whole_process_group(prefect_server: None, tmp_path: Path) -> None:
     from prefect import flow
 
@@ -220,9 +213,9 @@ def test_task_deadline_kills_the_whole_process_group(prefect_server: None, tmp_p
     assert took < 30, f"the deadline fired late: {took:.1f} s"
     child = int((tmp_path / "child.pid").read_text())
     deadline = time.time() + 10
-    while _alive(child) and time.time() < deadline:
+    while process_alive(child) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _alive(child), "a grandchild of the stage survived its deadline"
+    assert not process_alive(child), "a grandchild of the stage survived its deadline"
 
 
 # --- one definition of the stage graph, the schedule and the deployments ---------------------
@@ -421,7 +414,7 @@ def test_a_crashed_flow_leaves_an_artifact_and_no_stage_behind(
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not _alive(stage_pid), "the stage outlived its flow run"
+    assert not process_alive(stage_pid), "the stage outlived its flow run"
     with get_client(sync_client=True) as client:
         (flow_run,) = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["crash-me"]))

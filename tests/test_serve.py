@@ -29,7 +29,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import REPO, TINY_PARAMS, dvc, run, subprocess_env
+from tests.conftest import REPO, TINY_PARAMS, dvc, process_alive, run, subprocess_env
 
 MARK = "VAE_TEST_MARK"
 EXIT_WITHIN_S = 10.0
@@ -116,14 +116,6 @@ def _start_server(procs: Procs, home: Path) -> str:
     return url
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
-
-
 @pytest.mark.parametrize("target", ["pid", "group"])
 def test_sigterm_stops_serving_within_10s_and_ends_the_run(
     target: str, procs: Procs, tmp_path: Path
@@ -159,7 +151,7 @@ def test_sigterm_stops_serving_within_10s_and_ends_the_run(
         pytest.fail(f"still running {EXIT_WITHIN_S} s after SIGTERM\n{log.read_text()[-4000:]}")
     took = time.monotonic() - start
     _wait_for("every process it started to exit", lambda: not procs.marked(), 5, log)
-    assert not _alive(stage_pid), "the stage outlived the serving process"
+    assert not process_alive(stage_pid), "the stage outlived the serving process"
 
     url = _start_server(procs, home)  # the same database, read through a new server
     with SyncPrefectClient(url) as client:

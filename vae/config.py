@@ -153,6 +153,10 @@ class ScheduleConfig:
     # another one in the same workspace to finish.
     timeout_minutes: float = field(default=180.0, metadata=_range(gt=0.0, le=10080.0))
 
+    @property
+    def timeout_seconds(self) -> float:
+        return self.timeout_minutes * 60.0
+
 
 @dataclass(frozen=True)
 class Config:

@@ -17,7 +17,14 @@ from typing import Any
 
 import yaml
 
-__all__ = ["data_hashes", "dvc_root", "experiment_name", "experiment_tags", "under_dvc"]
+__all__ = [
+    "data_hashes",
+    "dvc_root",
+    "experiment_name",
+    "experiment_tags",
+    "run_tags",
+    "under_dvc",
+]
 
 
 def dvc_root() -> Path | None:
@@ -75,3 +82,10 @@ def data_hashes(lock_file: str | Path = "dvc.lock") -> dict[str, str]:
     if prepared := _entry(lock, "prepare", "outs", "data/prepared"):
         tags["dvc.prepared.md5"] = str(prepared.get("md5", ""))
     return {k: v for k, v in tags.items() if v}
+
+
+def run_tags() -> dict[str, str]:
+    """The tags a run and its registered version carry: the DVC experiment, and DVC's hashes of
+    the data as ``dvc.lock`` recorded them when DVC ran the upstream stages (a command run by
+    hand has no such record, so none)."""
+    return {**experiment_tags(), **(data_hashes() if under_dvc() else {})}

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from vae.config import Config, MlflowConfig
 from vae.io import atomic_write_json, load_json
-from vae.lineage import dvc_root
+from vae.lineage import dvc_root, run_tags
 
 __all__ = [
     "MlflowTracker",
@@ -296,8 +296,6 @@ def start_pipeline_run(
     cfg: Config, run_file: Path, manifest: dict, device: torch.device
 ) -> MlflowTracker | None:
     """Start (or reopen) the pipeline's MLflow run, with its params and tags; None if off."""
-    from vae.lineage import data_hashes, experiment_tags, under_dvc
-
     if not cfg.mlflow.enabled:
         write_disabled_run_file(run_file)
         return None
@@ -317,10 +315,7 @@ def start_pipeline_run(
             "device": str(device),
             "torch_version": str(torch.__version__),
             "vae_version": vae.__version__,
-            **experiment_tags(),
-            # DVC's hashes of the raw and prepared data, as dvc.lock recorded them when DVC ran
-            # the upstream stages; a command run by hand has no such record.
-            **(data_hashes() if under_dvc() else {}),
+            **run_tags(),
         }
     )
     return tracker

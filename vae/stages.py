@@ -293,7 +293,7 @@ def _register(
     from vae.data import float_images, load_split
     from vae.evaluate import evaluate
     from vae.io import load_json
-    from vae.lineage import data_hashes, experiment_tags, under_dvc
+    from vae.lineage import run_tags
     from vae.registry import register
 
     name = cfg.mlflow.registered_model
@@ -311,8 +311,7 @@ def _register(
         x = float_images(test, cfg.data.binarize, cfg.evaluate.seed)
         return evaluate(champion.to(device), x, cfg.evaluate)["nll_iw"]
 
-    tags = {**experiment_tags(), **(data_hashes() if under_dvc() else {})}
-    decision = register(model.cpu(), name, run_id, eval_metrics, eval_key, reevaluate, tags)
+    decision = register(model.cpu(), name, run_id, eval_metrics, eval_key, reevaluate, run_tags())
     log.info(
         "registered %s v%d; %s: %s",
         name,
