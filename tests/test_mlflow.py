@@ -128,6 +128,12 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
     assert version.tags["dataset_sha256"] == manifest["dataset_sha256"]
     ev = json.loads((root / "metrics/eval.json").read_text())
     assert float(version.tags["nll_iw"]) == pytest.approx(ev["nll_iw"])
+    # it describes itself in the registry UI: input format, usage, source run
+    assert "float32 array (N, 784) = (N, 1·28·28)" in version.description
+    assert f'load_model("models:/{NAME}/1")' in version.description
+    assert run_id in version.description and version.tags["source_run"] == run_id
+    usage = version.tags["usage"]
+    assert len(usage.splitlines()) == 3 and usage in version.description
 
 
 def test_local_run_metrics_artifacts_and_registry(local: tuple[Path, str]) -> None:
@@ -147,16 +153,32 @@ def test_pyfunc_matches_eager_model(local: tuple[Path, str]) -> None:
         eager, _ = load_model("models/model.pt")
         torch_model = load_vae(f"models:/{NAME}@champion")
     images = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    flat = images.reshape(5, 784)  # the signature's input: (N, C*H*W) float32
     with torch.no_grad():
-        mu = eager.encode(torch.from_numpy(images)).mean.numpy()
-        recon = eager.decode(torch.from_numpy(mu)).mean().flatten(1).numpy()
-    np.testing.assert_allclose(pyfunc.predict(images), mu, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(pyfunc.predict(images.reshape(5, 784)), mu, rtol=1e-5, atol=1e-6)
-    out = pyfunc.predict(images, params={"mode": "reconstruct"})
+        q = eager.encode(torch.from_numpy(images))
+        mu, logvar = q.mean.numpy(), q.logvar.numpy()
+        recon = eager.decode(q.mean).mean().flatten(1).numpy()
+    np.testing.assert_allclose(pyfunc.predict(flat), mu, rtol=1e-5, atol=1e-6)
+    both = pyfunc.predict(flat, params={"logvar": True})
+    np.testing.assert_allclose(both, np.concatenate([mu, logvar], 1), rtol=1e-5, atol=1e-6)
+    out = pyfunc.predict(flat, params={"mode": "reconstruct"})
     np.testing.assert_allclose(out, recon, rtol=1e-5, atol=1e-6)
-    gen = pyfunc.predict(images[:1], params={"mode": "generate", "n": 7, "seed": 3})
+    # raw pixels, as JSON delivers them: 0..255 in a float32 array, with the uint8 switch
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 784)).astype(np.float32)
+    np.testing.assert_array_equal(
+        pyfunc.predict(pixels, params={"uint8": True}), pyfunc.predict(pixels / 255.0)
+    )
+    # MLflow checks the schema before predict; predict's own check still takes (N, C, H, W)
+    from mlflow.exceptions import MlflowException
+
+    from vae.pyfunc import VAEPyfunc
+
+    with pytest.raises(MlflowException, match=r"expected shape \(-1, 784\)"):
+        pyfunc.predict(images)
+    np.testing.assert_allclose(VAEPyfunc(torch_model).predict(images), mu, rtol=1e-5, atol=1e-6)
+    gen = pyfunc.predict(flat[:1], params={"mode": "generate", "n": 7, "seed": 3})
     assert gen.shape == (7, 784)
-    again = pyfunc.predict(images[:1], params={"mode": "generate", "n": 7, "seed": 3})
+    again = pyfunc.predict(flat[:1], params={"mode": "generate", "n": 7, "seed": 3})
     np.testing.assert_array_equal(gen, again)
     for name, tensor in eager.state_dict().items():
         assert torch.equal(torch_model.state_dict()[name], tensor), name
@@ -165,10 +187,11 @@ def test_pyfunc_matches_eager_model(local: tuple[Path, str]) -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (np.zeros((2, 10), dtype=np.float32), "is not"),
-        (np.array([["a"] * 784]), "numeric"),
+        (np.zeros((2, 10), dtype=np.float32), "does not match expected shape"),
+        (np.array([["a"] * 784]), "does not match expected dtype"),
+        (np.zeros((2, 784)), "dtype of input float64 does not match expected dtype float32"),
         (np.full((1, 784), np.nan, dtype=np.float32), "NaN"),
-        (np.full((1, 784), 2.0, dtype=np.float32), r"\[0, 1\]"),
+        (np.full((1, 784), 2.0, dtype=np.float32), r"\[0, 1\], got \[2, 2\]; for 0..255"),
     ],
 )
 def test_pyfunc_rejects_bad_input(local: tuple[Path, str], bad: np.ndarray, message: str) -> None:
@@ -182,19 +205,30 @@ def test_pyfunc_rejects_bad_input(local: tuple[Path, str], bad: np.ndarray, mess
         pyfunc.predict(bad)
 
 
-def test_fresh_process_consumer(local: tuple[Path, str]) -> None:
-    root, uri = local
+def test_fresh_process_consumer(local: tuple[Path, str], tmp_path: Path) -> None:
+    """Another folder, a fresh process: the model runs the code it ships, not the project's."""
+    _, uri = local
     code = (
-        "import mlflow, numpy as np, time; t=time.time();"
+        "import mlflow, numpy as np, sys;"
         f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
-        "print(m.predict(np.random.rand(5, 784)).shape)"
+        "print(m.predict(np.random.rand(5, 784).astype(np.float32)).shape);"
+        "print(sys.modules['vae.model'].__file__);"
+        "print(sorted(k for k in sys.modules if k.startswith('vae')))"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"(5, {TINY_PARAMS['model']['latent_dim']})"
+    shape, model_file, modules = out.stdout.strip().splitlines()
+    assert shape == f"(5, {TINY_PARAMS['model']['latent_dim']})"
+    assert model_file.endswith("/code/vae/model.py"), model_file
+    assert modules == str(["vae", "vae.config", "vae.distributions", "vae.model", "vae.pyfunc"])
 
 
 def test_promotion_gate() -> None:
@@ -312,7 +346,8 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
     root, uri = local
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # the operator's row limit for the served model
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "VAE_MAX_ROWS": "50"}
     mlflow_bin = str(Path(sys.executable).parent / "mlflow")
     args = [
         mlflow_bin,
@@ -329,23 +364,39 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
         "-w",
         "1",
     ]
+    latent = TINY_PARAMS["model"]["latent_dim"]
     with serving(args, f"http://127.0.0.1:{port}/ping", root, env):
-        images = np.random.default_rng(1).random((3, 784)).round(4).tolist()
+        rng = np.random.default_rng(1)
+        images = rng.random((3, 784)).round(4).tolist()
         url = f"http://127.0.0.1:{port}/invocations"
         status, body = _post(url, {"inputs": images})
         assert status == 200, body
-        assert np.asarray(body["predictions"]).shape == (3, TINY_PARAMS["model"]["latent_dim"])
+        z = np.asarray(body["predictions"])
+        assert z.shape == (3, latent)
+        # the same answer from each payload format MLflow takes
+        split = {"columns": list(range(784)), "data": images}
+        for payload in ({"instances": images}, {"dataframe_split": split}):
+            status, body = _post(url, payload)
+            assert status == 200, (list(payload), body)
+            np.testing.assert_allclose(body["predictions"], z, rtol=1e-5, atol=1e-6)
         status, body = _post(url, {"inputs": images, "params": {"mode": "reconstruct"}})
         assert status == 200 and np.asarray(body["predictions"]).shape == (3, 784), body
-        for bad, message in (
-            ([[2.0] * 784], "[0, 1]"),
-            ([[0.5] * 10], "is not (N, 784)"),
-            ([["a"] * 784], "numeric"),
-            (images, "params.mode"),
+        # raw 0..255 pixels (JSON integers) with the documented switch
+        pixels = rng.integers(0, 256, (3, 784))
+        status, body = _post(url, {"inputs": pixels.tolist(), "params": {"uint8": True}})
+        assert status == 200, body
+        status, scaled = _post(url, {"inputs": (pixels / 255.0).tolist()})
+        np.testing.assert_allclose(body["predictions"], scaled["predictions"], rtol=1e-5, atol=1e-6)
+        for payload, message in (
+            ({"inputs": pixels.tolist()}, 'for 0..255 pixels pass params {"uint8": true}'),
+            ({"inputs": [[2.0] * 784]}, "[0, 1]"),
+            ({"inputs": [[0.5] * 10]}, "does not match expected shape (-1, 784)"),
+            ({"inputs": [[0.5] * 784] * 51}, "51 rows, more than this model's max_rows of 50"),
+            ({"inputs": images, "params": {"mode": "bogus"}}, "params.mode"),
+            ({"inputs": images, "params": {"mode": "generate", "n": 51}}, "max_rows of 50"),
         ):
-            params = {"mode": "bogus"} if message == "params.mode" else {}
-            status, body = _post(url, {"inputs": bad, "params": params})
-            assert 400 <= status < 500 and message in body.get("message", ""), (message, body)
+            status, body = _post(url, payload)
+            assert status == 400 and message in body.get("message", ""), (message, body)
 
         # A bounded burst: 200 requests from 8 threads, all answered, all equal to predict().
         from concurrent.futures import ThreadPoolExecutor
@@ -483,3 +534,61 @@ def test_credentials_never_reach_logs_or_tags() -> None:
     params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
     text = json.dumps(params).lower()
     assert not any(word in text for word in ("password", "token", "secret"))
+
+
+def test_reregister_makes_an_old_version_self_contained(tmp_path: Path) -> None:
+    """A version logged the old way (no code/) is logged again with its code; aliases follow."""
+    import mlflow
+
+    from vae.config import ModelConfig
+    from vae.model import VAE
+    from vae.pyfunc import save_vae_dir
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _client(uri)
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim=3, hidden_dim=8), (1, 28, 28)).eval()
+    run_id = client.create_run(client.create_experiment("old")).info.run_id
+    mlflow.set_tracking_uri(uri)
+    save_vae_dir(model, tmp_path / "vae")
+    with mlflow.start_run(run_id=run_id):  # the format before models shipped their code
+        info = mlflow.pyfunc.log_model(
+            name="model", loader_module="vae.pyfunc", data_path=str(tmp_path / "vae")
+        )
+    mlflow.register_model(info.model_uri, "old-vae")
+    client.set_model_version_tag("old-vae", "1", "nll_iw", "123.5")
+    client.set_registered_model_alias("old-vae", "champion", "1")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "vae", "reregister", "--model", "models:/old-vae@champion"]
+    out = subprocess.run(
+        [*cmd, "--tracking-uri", uri], cwd=elsewhere, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["from_version"] == 1 and result["version"] == 2
+    new = client.get_model_version_by_alias("old-vae", "champion")
+    assert str(new.version) == "2" and new.run_id == run_id
+    assert new.tags["reregistered_from"] == "1" and new.tags["nll_iw"] == "123.5"
+    assert "Test nll_iw: 123.50 nats" in new.description
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/old-vae/2"))
+    assert sorted(p.name for p in (local / "code" / "vae").iterdir()) == sorted(
+        ("__init__.py", "config.py", "distributions.py", "model.py", "pyfunc.py")
+    )
+    loaded = mlflow.pyfunc.load_model("models:/old-vae@champion")
+    x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
+    with torch.no_grad():
+        expected = model.encode(torch.from_numpy(x).reshape(4, 1, 28, 28)).mean.numpy()
+    np.testing.assert_allclose(loaded.predict(x), expected, rtol=1e-5, atol=1e-6)
+    # an unknown version is one line, exit 1
+    out = subprocess.run(
+        [sys.executable, "-m", "vae", "reregister", "--model", "models:/old-vae/9"],
+        cwd=elsewhere,
+        env={**env, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "models:/old-vae/9" in out.stderr

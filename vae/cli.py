@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vae.config import Config, ConfigError, load_params
+from vae.consumer_cli import CONSUMER_COMMANDS, add_consumer_parsers
 from vae.stages import (
     METRICS,
     MODELS,
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         if out:
             p.add_argument("--out", default=out)
         p.set_defaults(func=func)
+    add_consumer_parsers(sub)
     return parser
 
 
@@ -128,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
+    if args.command in CONSUMER_COMMANDS:
+        return _consume(args)
     try:
         cfg = load_params(args.params)
     except ConfigError as exc:
@@ -153,6 +157,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    return 0
+
+
+def _consume(args: argparse.Namespace) -> int:
+    """A consumer command: no params.yaml, only a model URI and its inputs."""
+    from vae.consume import ConsumerError
+    from vae.images import InputError
+    from vae.locks import LockTimeout
+    from vae.registry import RegistryError
+
+    try:
+        args.func(args)
+    except LockTimeout as exc:
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except (ConsumerError, InputError, RegistryError) as exc:
+        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

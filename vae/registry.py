@@ -1,7 +1,8 @@
 """The MLflow model registry: register the trained VAE, gate the ``champion`` alias, load it.
 
-``register`` logs the model into the pipeline's run as a pyfunc (the :mod:`vae.pyfunc` loader
-module over a safetensors file, so nothing is unpickled on load), registers a new version, gives
+``register`` logs the model into the pipeline's run as a self-contained pyfunc
+(:mod:`vae.packaging`: the :mod:`vae.pyfunc` loader module and its code, over a safetensors
+file, so nothing is unpickled on load), registers a new version, gives
 it the alias ``challenger`` and tags with its test metrics and dataset hash, and moves
 ``champion`` to it only if there is no champion yet or the new version's ``nll_iw`` on the same
 test data is lower. A version whose evaluation is missing or not finite is never promoted.
@@ -11,23 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from vae.model import VAE
-from vae.pyfunc import DEFAULT_PARAMS, load_vae_dir, save_vae_dir
+from vae.packaging import describe_version, log_model
+from vae.pyfunc import load_vae_dir
 
 __all__ = [
     "RegistryError",
     "decide_promotion",
     "load_vae",
-    "log_model",
-    "pyfunc_signature",
     "register",
+    "reregister",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,19 +43,6 @@ TAGGED_METRICS = (
 
 class RegistryError(RuntimeError):
     """A registry problem (unknown model, alias or URI), in one line."""
-
-
-def pyfunc_signature() -> Any:
-    """Outputs and the ``mode``/``n``/``seed``/``sample`` params. The image input is validated by
-    ``predict`` itself, which accepts (N, C*H*W) and (N, C, H, W) arrays alike."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
-
-    types = {str: "string", int: "long", bool: "boolean"}
-    return ModelSignature(
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),
-        params=ParamSchema([ParamSpec(k, types[type(v)], v) for k, v in DEFAULT_PARAMS.items()]),
-    )
 
 
 def decide_promotion(
@@ -100,27 +85,6 @@ def _champion(client: Any, name: str) -> Any | None:
 REGISTER_LOCK_TIMEOUT = 1800.0  # seconds: longer than any registration with a re-scored champion
 
 
-def log_model(model: VAE, run_id: str) -> str:
-    """Log ``model`` into run ``run_id`` as a pyfunc model; returns its model URI."""
-    import mlflow
-
-    from vae.mlflow_tracker import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    with tempfile.TemporaryDirectory() as tmp:
-        save_vae_dir(model, Path(tmp) / "vae")
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                loader_module="vae.pyfunc",
-                data_path=str(Path(tmp) / "vae"),
-                signature=pyfunc_signature(),
-                input_example=np.zeros((1, math.prod(model.image_shape)), dtype=np.float32),
-                pip_requirements=_requirements(),
-            )
-    return str(info.model_uri)
-
-
 def register(
     model: VAE,
     name: str,
@@ -147,10 +111,13 @@ def register(
     model_uri = log_model(model, run_id)
     uri = tracking_uri()
     with file_lock(registry_lock_path(uri, name), REGISTER_LOCK_TIMEOUT, f"registering {name}"):
-        return _register_and_gate(model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags)
+        return _register_and_gate(
+            model, model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags
+        )
 
 
 def _register_and_gate(
+    model: VAE,
     model_uri: str,
     name: str,
     run_id: str,
@@ -159,10 +126,8 @@ def _register_and_gate(
     reevaluate: Callable[[VAE], float],
     tags: dict[str, str] | None,
 ) -> dict[str, Any]:
-    import mlflow
-
     client = _client()
-    version = str(mlflow.register_model(model_uri, name).version)
+    version = _new_version(client, model, model_uri, name, run_id, eval_metrics)
     new_nll = _finite(eval_metrics.get("nll_iw")) if eval_metrics else None
     all_tags = {
         k: str(eval_metrics[k]) for k in TAGGED_METRICS if eval_metrics and k in eval_metrics
@@ -212,6 +177,89 @@ def _register_and_gate(
     }
 
 
+def _new_version(
+    client: Any,
+    model: VAE,
+    model_uri: str,
+    name: str,
+    run_id: str,
+    metrics: dict[str, Any] | None,
+) -> str:
+    """Register ``model_uri`` as a new version of ``name`` that describes itself in the UI."""
+    import mlflow
+
+    from vae.packaging import usage_snippet
+
+    version = str(mlflow.register_model(model_uri, name).version)
+    uri = f"models:/{name}/{version}"
+    client.update_model_version(
+        name, version, description=describe_version(model, uri, run_id, metrics)
+    )
+    client.set_model_version_tag(name, version, "usage", usage_snippet(uri, model.image_shape))
+    client.set_model_version_tag(name, version, "source_run", run_id)
+    return version
+
+
+def reregister(model_uri: str) -> dict[str, Any]:
+    """Register an existing version's weights again, as a self-contained model.
+
+    For versions logged before the model shipped its code: loading those outside this package
+    fails inside MLflow's import. The new version is logged into the old one's source run, gets
+    its tags (``reregistered_from`` says which version it came from) and takes over its
+    aliases, ``champion`` included: same weights, same scores. The old version stays.
+    """
+    from vae.locks import file_lock, registry_lock_path
+    from vae.mlflow_tracker import tracking_uri
+
+    client = _client()
+    old = _resolve_version(client, model_uri)
+    model = load_vae(f"models:/{old.name}/{old.version}")
+    new_uri = log_model(model, old.run_id)
+    lock = registry_lock_path(tracking_uri(), old.name)
+    with file_lock(lock, REGISTER_LOCK_TIMEOUT, f"re-registering {old.name}"):
+        metrics = {k: old.tags[k] for k in TAGGED_METRICS if k in old.tags}
+        version = _new_version(client, model, new_uri, old.name, old.run_id, metrics)
+        kept = {"usage", "source_run"}
+        for key, value in old.tags.items():
+            if key not in kept:
+                client.set_model_version_tag(old.name, version, key, value)
+        client.set_model_version_tag(old.name, version, "reregistered_from", str(old.version))
+        aliases = list(client.get_model_version(old.name, old.version).aliases)
+        for alias in aliases:
+            client.set_registered_model_alias(old.name, alias, version)
+    log.info(
+        "%s v%s re-registered as v%s%s",
+        old.name,
+        old.version,
+        version,
+        f" (aliases moved: {', '.join(aliases)})" if aliases else "",
+    )
+    return {
+        "name": old.name,
+        "from_version": int(old.version),
+        "version": int(version),
+        "aliases": aliases,
+        "model_uri": new_uri,
+    }
+
+
+def _resolve_version(client: Any, model_uri: str) -> Any:
+    """``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` as a registry ModelVersion."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model_uri.removeprefix("models:/")
+    if ref == model_uri or ("@" not in ref and ref.count("/") != 1):
+        raise RegistryError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, version = ref.split("/", 1)
+        return client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise RegistryError(f"{model_uri}: {exc.message.splitlines()[0]}") from None
+
+
 def load_vae(model_uri: str, device: str = "cpu") -> VAE:
     """The registered model as a torch ``VAE``, e.g. ``load_vae("models:/name@champion")``."""
     import mlflow
@@ -228,12 +276,6 @@ def load_vae(model_uri: str, device: str = "cpu") -> VAE:
     if not data.is_dir():
         raise RegistryError(f"{model_uri}: not a model registered by this package (no data/vae)")
     return load_vae_dir(data, device)
-
-
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "safetensors", "mlflow")]
 
 
 def _finite(value: Any) -> float | None:

@@ -271,7 +271,7 @@ def _not_registered(name: str, reason: str, **extra: object) -> dict:
 
 def _log_only(model: VAE, name: str, run_id: str, exp: str) -> dict:
     """An experiment's model: logged into its run, registered only on request."""
-    from vae.registry import log_model
+    from vae.packaging import log_model
 
     model_uri = log_model(model.cpu(), run_id)
     reason = (
