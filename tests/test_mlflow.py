@@ -276,9 +276,13 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None
     raise TimeoutError(url)
 
 
-def start_server(args: list[str], health: str, cwd: Path, env: dict) -> subprocess.Popen:
-    """Start a server in its own process group (it finds uvicorn on PATH); wait until healthy."""
-    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+def start_server(
+    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
+) -> subprocess.Popen:
+    """Start a server in its own process group (it finds uvicorn on PATH, in ``bin_dir`` or
+    this venv's); wait until healthy."""
+    bin_dir = bin_dir or Path(sys.executable).parent
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
     proc = subprocess.Popen(
         args,
         cwd=cwd,
@@ -306,8 +310,10 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def serving(args: list[str], health: str, cwd: Path, env: dict) -> Iterator[None]:
-    proc = start_server(args, health, cwd, env)
+def serving(
+    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
+) -> Iterator[None]:
+    proc = start_server(args, health, cwd, env, bin_dir)
     try:
         yield
     finally:

@@ -132,6 +132,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command in CONSUMER_COMMANDS:
         return _consume(args)
+    missing = _missing_pipeline_extra()
+    if missing:
+        print(
+            f"vae {args.command}: the pipeline stages need the pipeline extra "
+            f"(pip install 'vae[pipeline]'); {missing} is not installed",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     try:
         cfg = load_params(args.params)
     except ConfigError as exc:
@@ -158,6 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return 0
+
+
+def _missing_pipeline_extra() -> str | None:
+    """The first module of the ``pipeline`` extra that is not installed, if any."""
+    import importlib.util
+
+    for module in ("dvc", "prefect", "torchvision", "sklearn", "matplotlib"):
+        if importlib.util.find_spec(module) is None:
+            return module
+    return None
 
 
 def _consume(args: argparse.Namespace) -> int:
