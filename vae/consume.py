@@ -130,15 +130,15 @@ def encode_to_parquet(
     paths = expand_inputs(inputs)
     total, start, rows = count_images(paths), time.perf_counter(), 0
     with atomic_open(out, "wb") as f, _progress(total, progress) as bar:
-        writer = None
-        for batch in iter_batches(paths, model.image_shape, batch_size):
-            post = model.predict(_flat(batch), mode="encode", logvar=True, uint8=True)
-            table = embedding_table(batch.sources, post)
-            writer = writer or pq.ParquetWriter(f, table.schema)
-            writer.write_table(table)
-            rows += len(batch.sources)
-            bar.update(len(batch.sources))
-        if writer is not None:
+        empty = embedding_table([], np.zeros((0, 2 * model.latent_dim), np.float32))
+        writer = pq.ParquetWriter(f, empty.schema)
+        try:
+            for batch in iter_batches(paths, model.image_shape, batch_size):
+                post = model.predict(_flat(batch), mode="encode", logvar=True, uint8=True)
+                writer.write_table(embedding_table(batch.sources, post))
+                rows += len(batch.sources)
+                bar.update(len(batch.sources))
+        finally:  # before atomic_open closes (or, on error, discards) the file
             writer.close()
     seconds = time.perf_counter() - start
     return {"rows": rows, "seconds": seconds, "rows_per_second": rows / max(seconds, 1e-9)}
