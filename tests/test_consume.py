@@ -183,3 +183,31 @@ def test_encode_streams_100k_idx_images_in_bounded_memory(store, tmp_path: Path)
     import pyarrow.parquet as pq
 
     assert pq.ParquetFile(tmp_path / "e.parquet").metadata.num_rows == n
+
+
+def test_the_core_imports_nothing_from_the_extras(store, tmp_path: Path) -> None:
+    """The consumer path runs with DVC, Prefect, torchvision and matplotlib made unimportable."""
+    uri = store[0]
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / "a.png")
+    code = """
+import sys
+BLOCKED = ("dvc", "prefect", "torchvision", "matplotlib", "pipelines")
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"the core imported {name}")
+sys.meta_path.insert(0, Block())
+from vae.cli import main
+for args in (["encode", "a.png", "--out", "e.parquet"], ["sample", "--out", "s.png"],
+             ["reconstruct", "a.png", "--out", "r.png"]):
+    assert main([args[0], "--model", "models:/NAME@champion", *args[1:]]) == 0, args
+""".replace("NAME", NAME)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
