@@ -80,8 +80,11 @@ def _write_inputs(folder: Path) -> np.ndarray:
 
 
 def test_encode_any_model_uri_equals_the_pyfunc(store, elsewhere: Path) -> None:
+    from mlflow.tracking._tracking_service import utils as mlflow_uris
+
     uri, run_id, model = store
     pixels = _write_inputs(elsewhere)
+    before = mlflow_uris._tracking_uri
     for i, model_uri in enumerate(
         (f"models:/{NAME}@champion", f"models:/{NAME}/1", f"runs:/{run_id}/model")
     ):
@@ -99,6 +102,8 @@ def test_encode_any_model_uri_equals_the_pyfunc(store, elsewhere: Path) -> None:
         expected = _posterior(model, np.concatenate([pixels[:5], pixels[5:]]))
         np.testing.assert_allclose(got[keep], expected, rtol=1e-5, atol=1e-5)
         assert np.abs(got[5] - got[0]).max() < 0.5
+    # a library call leaves the caller's MLflow pointed where it was
+    assert mlflow_uris._tracking_uri == before and "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_bad_inputs_are_one_line_and_lose_nothing(store, elsewhere: Path, capsys) -> None:
@@ -130,6 +135,9 @@ def test_no_store_no_empty_database(store, elsewhere: Path, capsys) -> None:
     assert main(["sample", "--model", "models:/nope@champion", "--tracking-uri", store[0],
                  "--out", "s.png"]) == 1  # fmt: skip
     assert "models:/nope@champion: cannot load" in capsys.readouterr().err
+    args = ["sample", "--model", f"models:/{NAME}@champion", "--tracking-uri", store[0]]
+    assert main([*args, "-n", "10001", "--out", "s.png"]) == 1
+    assert "more than this model's max_rows of 10000" in capsys.readouterr().err
     assert list(elsewhere.iterdir()) == []
 
 

@@ -12,11 +12,12 @@ does not exist is an error, never a new empty file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,36 @@ class LoadedModel:
         self.latent_dim: int = int(meta["model"]["latent_dim"])
 
     def predict(self, x: np.ndarray, **params: Any) -> np.ndarray:
-        return np.asarray(self.pyfunc.predict(x, params=params))
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return np.asarray(self.pyfunc.predict(x, params=params))
+        except MlflowException as exc:  # the model refused the request: say why, in one line
+            raise ConsumerError(exc.message.splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _using_store(uri: str | None) -> Iterator[None]:
+    """MLflow's global tracking URI (and the variable it mirrors) set to ``uri`` for a while.
+
+    ``download_artifacts`` takes the store as an argument, but resolving a registered version's
+    ``models:/m-...`` source inside it reads the global URI, whose default would create
+    ``./mlflow.db``. Restoring both keeps a library call from redirecting the caller's MLflow.
+    """
+    if uri is None:
+        yield
+        return
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
@@ -82,11 +112,13 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
     from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(model_uri, tracking_uri)
-    if uri is not None:
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        with _using_store(uri):
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=model_uri, tracking_uri=uri, registry_uri=uri
+                )
+            )
         if not (local / "data" / "vae" / "vae.json").is_file():
             raise ConsumerError(f"{model_uri}: not a model logged by this package (no data/vae)")
         return LoadedModel(mlflow.pyfunc.load_model(str(local)), local)

@@ -20,6 +20,17 @@ CONSUMER_COMMANDS = ("encode", "sample", "reconstruct", "reregister")
 URI_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse exits 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="URI", help=URI_HELP)
     p.add_argument(
@@ -34,7 +45,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG files, folders, IDX files")
     p.add_argument("--out", required=True, type=Path, help="the Parquet file (a folder for spark)")
-    p.add_argument("--batch-size", type=int, default=512, help="images a batch (default 512)")
+    p.add_argument("--batch-size", type=_count, default=512, help="images a batch (default 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--engine",
@@ -47,7 +58,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("sample", help="generate images from the prior as a PNG grid")
     _common(p)
-    p.add_argument("-n", type=int, default=64, help="how many images (default 64)")
+    p.add_argument("-n", type=_count, default=64, help="how many images (default 64)")
     p.add_argument("--out", required=True, type=Path, help="the PNG file")
     p.add_argument("--seed", type=int, default=0, help="the generator's seed (default 0)")
     p.add_argument("--sample", action="store_true", help="sample p(x|z), not its mean")
@@ -57,7 +68,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     _common(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG files, folders, IDX files")
     p.add_argument("--out", required=True, type=Path, help="the PNG file")
-    p.add_argument("-n", type=int, default=32, help="how many of the inputs (default 32)")
+    p.add_argument("-n", type=_count, default=32, help="how many of the inputs (default 32)")
     p.set_defaults(func=_reconstruct)
 
     p = sub.add_parser(
@@ -67,13 +78,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_reregister)
 
 
-def _positive(value: int, flag: str) -> None:
-    if value < 1:
-        raise SystemExit(f"vae: error: {flag} must be at least 1, got {value}")
-
-
 def _encode(args: argparse.Namespace) -> None:
-    _positive(args.batch_size, "--batch-size")
     if args.engine == "spark":
         from vae.consume import resolve_tracking_uri
         from vae.spark import encode_with_spark
@@ -99,7 +104,6 @@ def _encode(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from vae.consume import load_model, sample_grid
 
-    _positive(args.n, "-n")
     sample_grid(load_model(args.model, args.tracking_uri), args.n, args.out, args.seed, args.sample)
     log.info("%s: %d images", args.out, args.n)
 
@@ -107,7 +111,6 @@ def _sample(args: argparse.Namespace) -> None:
 def _reconstruct(args: argparse.Namespace) -> None:
     from vae.consume import load_model, reconstruct_grid
 
-    _positive(args.n, "-n")
     decoded = reconstruct_grid(
         load_model(args.model, args.tracking_uri), args.inputs, args.out, args.n
     )
