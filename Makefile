@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 pipeline: install dataset
 	dvc repro
 
-test: install
+test: install java
 	python -m pytest
 
 install: $(STAMP)
@@ -24,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c requirements.lock -e '.[dev]'
+		-c requirements.lock -e '.[pipeline,spark,dev]'
 	touch $@
 
 # The raw data is data.source in params.yaml (DVC hashes it; `vae ingest` copies it). Debian's
@@ -46,6 +46,27 @@ dataset: install
 	else \
 		echo "data.source: $$src not found. Install it (apt-get install $$pkg), or run"; \
 		echo "  vae download --out $$HOME/datasets/fashion-mnist, and set data.source to that path"; \
+		exit 1; \
+	fi
+
+# Spark (vae encode --engine spark, tests/test_spark.py) needs Java 17 or later. Like `dataset`,
+# install Debian's JRE when apt can (as root or with password-less sudo); otherwise say what to do.
+# (The mkdir: slim Debian images lack man1, and the JRE's postinst fails without it.)
+.PHONY: java
+JAVA := $${JAVA_HOME:+$$JAVA_HOME/bin/}java
+JRE := openjdk-17-jre-headless
+java:
+	@v=$$($(JAVA) -version 2>&1 | sed -n 's/.*version "\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' | head -n 1); \
+	if [ -n "$$v" ] && [ "$$v" -ge 17 ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		mkdir -p /usr/share/man/man1 && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(JRE); \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo mkdir -p /usr/share/man/man1 && sudo apt-get update -qq && \
+		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(JRE); \
+	else \
+		echo "Spark needs Java 17 or later (found: $${v:-no java}). Install it, e.g."; \
+		echo "  apt-get install $(JRE)   (Debian/Ubuntu), or set JAVA_HOME to a Java 17+"; \
 		exit 1; \
 	fi
 

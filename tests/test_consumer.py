@@ -194,10 +194,15 @@ def test_core_install_runs_the_consumer_commands(
     assert Image.open(tmp_path / "s.png").size == (8 * 30 + 2, 30 + 2)
     probe = "import importlib.util as u; print([p for p in ('dvc', 'prefect') if u.find_spec(p)])"
     assert _python(consumer_venv, probe, tmp_path, uri).stdout.strip() == "[]"
-    out = subprocess.run(
-        [vae, "train"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode != 0 and "vae[pipeline]" in out.stderr, out.stderr
+    for args, extra in (
+        (["train"], "vae[pipeline]"),
+        (["encode", "--model", f"models:/{NAME}/1", "pngs", "--out", "x", "--engine", "spark"],
+         "vae[spark]"),
+    ):  # fmt: skip
+        out = subprocess.run(
+            [vae, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 1 and extra in out.stderr, out.stderr
 
 
 @pytest.mark.download

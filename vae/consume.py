@@ -71,6 +71,7 @@ class LoadedModel:
     def __init__(self, pyfunc: Any, local: Path) -> None:
         meta = json.loads((local / "data" / "vae" / "vae.json").read_text())
         self.pyfunc = pyfunc
+        self.local = local  # the downloaded model folder: later readers see the same version
         self.image_shape: tuple[int, ...] = tuple(meta["image_shape"])
         self.latent_dim: int = int(meta["model"]["latent_dim"])
 

@@ -44,7 +44,9 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="embed images with any model: one Parquet row per image")
     _common(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG files, folders, IDX files")
-    p.add_argument("--out", required=True, type=Path, help="the Parquet file (a folder for spark)")
+    p.add_argument(
+        "--out", required=True, help="the Parquet file (spark: a folder, or a URI such as hdfs://)"
+    )
     p.add_argument("--batch-size", type=_count, default=512, help="images a batch (default 512)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -80,17 +82,17 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
 
 def _encode(args: argparse.Namespace) -> None:
     if args.engine == "spark":
-        from vae.consume import resolve_tracking_uri
         from vae.spark import encode_with_spark
 
-        uri = resolve_tracking_uri(args.model, args.tracking_uri)
-        result = encode_with_spark(args.model, args.inputs, args.out, uri, args.master)
+        result = encode_with_spark(
+            args.model, args.inputs, args.out, args.tracking_uri, args.master
+        )
     else:
         from vae.consume import encode_to_parquet, load_model
 
         model = load_model(args.model, args.tracking_uri)
         result = encode_to_parquet(
-            model, args.inputs, args.out, args.batch_size, not args.no_progress
+            model, args.inputs, Path(args.out), args.batch_size, not args.no_progress
         )
     log.info(
         "%s: %d rows in %.1f s (%.0f rows/s)",

@@ -27,6 +27,7 @@ __all__ = [
     "count_images",
     "decode_image",
     "expand_inputs",
+    "is_idx",
     "iter_batches",
 ]
 
@@ -62,7 +63,8 @@ def decode_image(data: bytes, shape: tuple[int, ...], source: str) -> np.ndarray
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
-def _is_idx(path: Path) -> bool:
+def is_idx(path: Path) -> bool:
+    """An IDX image file, by name (``*idx3-ubyte``, gzipped or not, or ``*.idx``)."""
     return "idx3-ubyte" in path.name or path.suffix == ".idx"
 
 
@@ -101,7 +103,7 @@ def count_images(paths: Sequence[Path]) -> int:
     """How many images ``paths`` hold (IDX files by their header): the progress bar's total."""
     total = 0
     for path in paths:
-        if _is_idx(path):
+        if is_idx(path):
             with _open(path) as f:
                 total += _idx_header(f, path)[0]
         else:
@@ -131,7 +133,7 @@ def iter_batches(paths: Sequence[Path], shape: tuple[int, ...], size: int) -> It
     sources: list[str] = []
     images: list[np.ndarray] = []
     for path in paths:
-        if _is_idx(path):
+        if is_idx(path):
             if images:
                 yield Batch(sources, np.stack(images))
                 sources, images = [], []
