@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make pipeline   the whole pipeline (dvc repro) on Fashion-MNIST
-#   make test       the test suite
+#   make test       lint (ruff), then the test suite
 # Each sets itself up: a virtual environment in .venv with the pinned stack, and (for the
 # pipeline) the Debian package of Fashion-MNIST when apt can install it.
 PYTHON ?= python3
@@ -17,6 +17,7 @@ pipeline: install dataset
 	dvc repro
 
 test: install java
+	ruff check . && ruff format --check .
 	python -m pytest
 
 install: $(STAMP)
@@ -35,7 +36,7 @@ dataset: install
 		echo "$$old: data/raw is now DVC's copy of data.source, and dvc repro replaces it."; \
 		echo "  Move your copy out first (mv $$old ~/datasets/) and set data.source to it."; \
 		exit 1; fi; done
-	@set -- $$(python -c "from vae.config import load_params; from vae.raw import DEBIAN_SOURCES as D; \
+	@set -- $$(python -c "from vae.params import load_params; from vae.raw import DEBIAN_SOURCES as D; \
 		s = load_params().data.source; print(s, next((p for d, p in D.values() if d == s), '-'))"); \
 	src=$$1; pkg=$$2; \
 	if [ -e "$$src" ]; then :; \

@@ -48,9 +48,9 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20, help="operators to list")
     args = p.parse_args()
 
-    from vae.config import parse_params
     from vae.data import load_split
     from vae.distributed import select_device
+    from vae.params import parse_params
     from vae.train import train
 
     if not (Path(args.data) / "manifest.json").exists():

@@ -220,8 +220,8 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    from vae.config import parse_params
     from vae.data import Split, load_split
+    from vae.params import parse_params
     from vae.train import train
 
     cfg = parse_params(spec["params"])

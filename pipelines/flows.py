@@ -28,9 +28,10 @@ from pipelines.tasks import (
     run_stage,
     stage_order,
 )
-from vae.config import Config, ConfigError, load_params, parse_params
+from vae.config import Config, ConfigError
 from vae.io import load_json
 from vae.mlflow_tracker import tracking_uri
+from vae.params import load_params, parse_params
 
 __all__ = [
     "REPORT_KEY",

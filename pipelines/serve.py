@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vae.config import ConfigError, ScheduleConfig, load_params
+from vae.config import ConfigError, ScheduleConfig
+from vae.params import load_params
 
 if TYPE_CHECKING:
     from prefect.deployments.runner import RunnerDeployment

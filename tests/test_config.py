@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_params
 from vae.cli import main
-from vae.config import Config, ConfigError, ModelConfig, load_params, parse_params
+from vae.config import Config, ConfigError, ModelConfig
+from vae.params import load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +26,8 @@ def test_config_is_frozen() -> None:
 
 
 def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
-    (tmp_path / "p.yaml").write_text("train:\n  lr: 1e-3\n")
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.003", "lr: 1e-3")
+    (tmp_path / "p.yaml").write_text(text)
     assert load_params(tmp_path / "p.yaml").train.lr == pytest.approx(1e-3)
 
 
@@ -73,7 +76,7 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
 def test_cli_exits_2_with_one_line_before_any_work(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    (project / "params.yaml").write_text("train:\n  epochs: -1\n")
+    write_params(project / "params.yaml", train={"epochs": -1})
     assert main(["prepare"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.epochs" in err
@@ -85,3 +88,45 @@ def test_saved_model_config_keeps_its_old_meaning() -> None:
     assert ModelConfig.from_saved(old).activation == "relu"
     assert ModelConfig.from_saved({**old, "activation": "silu"}).activation == "silu"
     assert ModelConfig().activation == "leaky_relu"  # the default for new models
+
+
+SHIPPED = (REPO / "params.yaml").read_text()
+CRON = '"0 3 * * 1"'
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "fragments"),
+    [
+        ("train", "", ["holds no params", "empty or only comments"]),
+        ("prepare", "# nothing but a comment\n", ["holds no params"]),
+        ("train", "train:\n  epochs: 3\n", ["section 'data' is missing"]),
+        ("train", SHIPPED + "train:\n  epochs: 3\n", ["line ", "'train' is duplicated"]),
+        ("ingest", SHIPPED.replace("epochs: 30", "epochs: 3\n  epochs: 4"), ["'epochs'"]),
+        ("train", SHIPPED.replace(CRON, '"99 99 * * *"'), ["line ", "schedule.cron"]),
+        ("prepare", SHIPPED.replace(CRON, '"0 0 30 2 *"'), ["never fires"]),
+        ("evaluate", SHIPPED.replace("epochs: 30", "epochs: -1"), ["line ", "train.epochs"]),
+        ("train", SHIPPED.replace("device: auto", "device: cuda"), ["train.device", "CUDA"]),
+        ("register", SHIPPED.replace("device: auto", "device: cuda:7"), ["train.device"]),
+    ],
+)
+def test_every_bad_params_file_exits_2_naming_the_file_and_writes_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    text: str,
+    fragments: list[str],
+) -> None:
+    import torch
+
+    if "cuda" in text.split("device:")[-1][:10] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    assert "epochs: 30" in SHIPPED and CRON in SHIPPED and "device: auto" in SHIPPED
+    (tmp_path / "params.yaml").write_text(text)
+    assert main([command]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vae: error: params.yaml"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"], "no work may start"

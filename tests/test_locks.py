@@ -108,3 +108,28 @@ def test_a_lock_held_too_long_exits_75(
     err = capsys.readouterr().err
     assert f"registering {NAME}: " in err and "try again later" in err
     assert _versions(uri) == before
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "export", "generate", "register"])
+def test_a_second_writer_in_the_workspace_refuses_at_once(
+    project: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """While another process writes here, each writing stage exits 75 at once, writing nothing;
+    once that process is killed (SIGKILL: no clean-up), the lock is free."""
+    from vae.cli import main
+    from vae.locks import WRITER_LOCK
+
+    before = sorted(p.name for p in project.iterdir())
+    holder = _holder(project / WRITER_LOCK)
+    try:
+        start = time.monotonic()
+        assert main([command]) == 75
+        assert time.monotonic() - start < 5
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{WRITER_LOCK} is held by pid {holder.pid}" in err, err
+        assert sorted(p.name for p in project.iterdir()) == sorted([*before, WRITER_LOCK.name])
+    finally:
+        holder.kill()
+        holder.wait()
+    with file_lock(project / WRITER_LOCK, 0.0, "after the kill"):
+        pass

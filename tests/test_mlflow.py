@@ -86,7 +86,7 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
     assert client.get_experiment(run.info.experiment_id).name == "tiny"
     assert run.info.status == "FINISHED"
     # every param, flattened from params.yaml
-    from vae.config import load_params
+    from vae.params import load_params
 
     with project_env(root, uri):
         flat = load_params().flat()

@@ -244,7 +244,8 @@ def test_flow_stages_are_dvc_yaml_in_topological_order(tmp_path: Path) -> None:
 
 
 def test_bad_schedule_names_the_key() -> None:
-    from vae.config import ConfigError, parse_params
+    from vae.config import ConfigError
+    from vae.params import parse_params
 
     with pytest.raises(ConfigError, match=r"^schedule\.cron: '0 3 \* \*' is not a cron"):
         parse_params({"schedule": {"cron": "0 3 * *"}})
@@ -270,7 +271,7 @@ def test_deployment_carries_the_cron_schedule_from_params(tmp_path: Path) -> Non
 def test_prefect_yaml_deploys_the_same_flows_and_schedule() -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    from vae.config import load_params
+    from vae.params import load_params
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     deployments = {d["entrypoint"]: d for d in config["deployments"]}

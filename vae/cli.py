@@ -21,8 +21,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vae.config import Config, ConfigError, load_params
+from vae.config import Config, ConfigError
 from vae.consumer_cli import CONSUMER_COMMANDS, add_consumer_parsers
+from vae.params import load_params
 from vae.stages import (
     METRICS,
     MODELS,
@@ -52,18 +53,50 @@ __all__ = [
 ]
 
 EXIT_ERROR, EXIT_USAGE, EXIT_SOFTWARE, EXIT_TEMPFAIL = 1, 2, 70, 75
+# The stages that use train.device, and write models/, metrics/ or the registry.
+DEVICE_COMMANDS = ("train", "evaluate", "export", "generate", "register")
+
+
+_FOLDERS = {
+    "--data": (PREPARED, "the prepared splits"),
+    "--models": (MODELS, "model.pt, the checkpoint and the MLflow run file"),
+    "--metrics": (METRICS, "the metrics JSON files"),
+    "--plots": (PLOTS, "the per-epoch CSV"),
+    "--reports": (Path("reports"), "the PNG grids"),
+}
+
+
+def _folders(p: argparse.ArgumentParser, *flags: str) -> None:
+    for flag in flags:
+        default, what = _FOLDERS[flag]
+        p.add_argument(flag, default=str(default), help=f"{what} (default: %(default)s)")
+
+
+def _out(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument("--out", default=default, help=f"{what} (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vae", description=__doc__.splitlines()[0])
+    from vae import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="vae",
+        description="Train, evaluate and use a variational autoencoder. The pipeline stages "
+        "read params.yaml (dvc repro runs them in order); encode, sample, reconstruct and "
+        "reregister work on any registered model, with no project.",
+        epilog="Exit codes: 0 done; 1 a failure a retry cannot fix; 2 a bad param or argument, "
+        "before any work; 75 a service, download or lock was unavailable, worth a retry; "
+        "70 an unexpected error (with its traceback).",
+    )
+    parser.add_argument("--version", action="version", version=f"vae {__version__}")
     parser.add_argument(
         "--params", default="params.yaml", help="params file (default: %(default)s)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="check data.source, then copy it to data/raw for DVC")
-    p.add_argument("--out", default=str(RAW), help="where the copy goes (default: %(default)s)")
+    _out(p, str(RAW), "where the copy goes")
     p.add_argument("--check", action="store_true", help="only check every file; write nothing")
     p.set_defaults(func=cmd_ingest)
 
@@ -73,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="read data/raw, write seeded train/val/test splits")
     p.add_argument("--raw", default=str(RAW), help="the ingested raw data (default: %(default)s)")
-    p.add_argument("--out", default=str(PREPARED))
+    _out(p, str(PREPARED), "where the splits go")
     p.add_argument(
         "--strict",
         action="store_true",
@@ -82,51 +115,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (resuming from models/checkpoint.pt when it fits)")
-    p.add_argument("--data", default=str(PREPARED))
-    p.add_argument("--models", default=str(MODELS))
-    p.add_argument("--metrics", default=str(METRICS))
-    p.add_argument("--plots", default=str(PLOTS))
+    _folders(p, "--data", "--models", "--metrics", "--plots")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("log-run", help="re-send local metrics and artifacts to MLflow")
-    for flag, default in (
-        ("--data", PREPARED),
-        ("--models", MODELS),
-        ("--metrics", METRICS),
-        ("--plots", PLOTS),
-        ("--reports", Path("reports")),
-    ):
-        p.add_argument(flag, default=str(default))
+    _folders(p, "--data", "--models", "--metrics", "--plots", "--reports")
     p.set_defaults(func=cmd_log_run)
 
     for name, func, out, help_ in (
         ("evaluate", cmd_evaluate, None, "test ELBO, importance-weighted log p(x), active units"),
-        (
-            "export",
-            cmd_export,
-            "data/embeddings",
-            "latent embeddings as Parquet + their usefulness",
-        ),
+        ("export", cmd_export, "data/embeddings", "latent embeddings as Parquet + their use"),
         ("generate", cmd_generate, "reports", "PNG grids: samples, reconstructions, latent space"),
         ("register", cmd_register, None, "register the model in MLflow; gate the champion alias"),
     ):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--data", default=str(PREPARED))
-        p.add_argument("--models", default=str(MODELS))
-        p.add_argument("--metrics", default=str(METRICS))
+        _folders(p, "--data", "--models", "--metrics")
         if out:
-            p.add_argument("--out", default=out)
+            _out(p, out, "where the outputs go")
         p.set_defaults(func=func)
     add_consumer_parsers(sub)
     return parser
+
+
+def _log_format() -> str:
+    """Bare messages on a terminal; with a timestamp and level in a log file or a scheduler."""
+    if sys.stderr.isatty():
+        return "%(message)s"
+    return "%(asctime)s %(levelname)s %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
+        format=_log_format(),
         stream=sys.stderr,
         force=True,
     )
@@ -142,6 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     try:
         cfg = load_params(args.params)
+        if args.command in DEVICE_COMMANDS:  # a device this machine lacks: before any work
+            from vae.distributed import select_device
+
+            try:
+                select_device(cfg.train.device)
+            except ConfigError as exc:
+                raise ConfigError(f"{args.params}: {exc}") from None
     except ConfigError as exc:
         print(f"vae: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -155,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     permanent = (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError)
     try:
-        func(cfg, args)
+        if args.command in DEVICE_COMMANDS:  # the ones that write models/, metrics/, the registry
+            from vae.locks import workspace_writer
+
+            with workspace_writer("one writer per workspace"):
+                func(cfg, args)
+        else:
+            func(cfg, args)
     except (TrackingUnavailable, DataUnavailable, LockTimeout) as exc:
         print(f"vae {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_TEMPFAIL

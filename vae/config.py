@@ -1,23 +1,16 @@
-"""Typed, frozen configuration parsed once from ``params.yaml``.
+"""Typed, frozen configuration: one dataclass per section of ``params.yaml``.
 
-Every section of ``params.yaml`` maps to one frozen dataclass below. Parsing is strict: an
-unknown key, a wrong type or an out-of-range value raises :class:`ConfigError` whose message is
-one line that names the key and the accepted values. The CLI turns that into exit code 2 before
-any work starts. Library functions take these objects; they never read ``params.yaml``.
+The defaults here are the shipped ``params.yaml`` (a test checks they agree). :mod:`vae.params`
+reads and validates the file into these objects; library functions take them and never read
+``params.yaml``. This module imports only the standard library: it ships inside every
+registered model, where ``ModelConfig`` rebuilds the network.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 __all__ = [
     "Config",
@@ -30,8 +23,6 @@ __all__ = [
     "ModelConfig",
     "ScheduleConfig",
     "TrainConfig",
-    "load_params",
-    "parse_params",
 ]
 
 
@@ -175,183 +166,3 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """``{"train.lr": 0.001, ...}``: the form MLflow logs as params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# Parsing
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as ``1e-3`` (YAML 1.1 wants ``1.0e-3``)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    return {
-        int: "an integer",
-        float: "a number",
-        bool: "true or false",
-        str: "a string",
-        type(None): "null",
-    }.get(tp, str(tp))
-
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _check_type(key, value, arg)
-            except ConfigError:
-                pass
-    elif origin is Literal:
-        if value in typing.get_args(tp) and isinstance(value, str):
-            return value
-    elif tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
-
-
-def _check_range(key: str, value: Any, meta: Any) -> None:
-    bounds = {k: v for k, v in meta.items() if v is not None}
-    if not bounds or value is None:
-        return
-    ok = all(
-        (op == "ge" and value >= b)
-        or (op == "gt" and value > b)
-        or (op == "le" and value <= b)
-        or (op == "lt" and value < b)
-        for op, b in bounds.items()
-    )
-    if not ok:
-        sym = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
-        expected = " and ".join(f"{sym[op]} {b:g}" for op, b in bounds.items())
-        raise ConfigError(f"{key}: {value!r} is out of range; expected a value {expected}")
-
-
-_RENAMED = {"data.folder": "data.source"}
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    if key in _RENAMED:
-        return ConfigError(f"{key}: renamed to {_RENAMED[key]}; rename the key")
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{key}: unknown key{hint}; valid keys are {', '.join(valid)}")
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
-            raise _unknown(key, list(fields))
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key)
-            continue
-        value = _check_type(key, value, tp)
-        _check_range(key, value, fields[name].metadata)
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def _cross_checks(cfg: Config) -> None:
-    if not _DEVICE.match(cfg.train.device):
-        raise ConfigError(
-            f"train.device: {cfg.train.device!r} is not a device; expected auto, cpu, mps, "
-            "cuda or cuda:N"
-        )
-    if cfg.model.likelihood == "gaussian" and cfg.data.binarize != "none":
-        raise ConfigError(
-            f"model.likelihood: 'gaussian' does not fit data.binarize: {cfg.data.binarize!r}; "
-            "binarized pixels are discrete, so use model.likelihood: 'bernoulli' or "
-            "data.binarize: 'none'"
-        )
-    for key in ("experiment", "registered_model"):
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):
-            raise ConfigError(
-                f"mlflow.{key}: {getattr(cfg.mlflow, key)!r} is not a valid name; "
-                "expected letters, digits, '.', '_' or '-'"
-            )
-    if not cfg.data.source.strip():
-        raise ConfigError("data.source: empty; expected the folder that holds the raw data")
-    _check_schedule(cfg.schedule)
-
-
-_CRON_FIELD = re.compile(r"^[0-9A-Za-z*?/,\-]+$")
-
-
-def _check_schedule(schedule: ScheduleConfig) -> None:
-    fields = schedule.cron.split()
-    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
-        raise ConfigError(
-            f"schedule.cron: {schedule.cron!r} is not a cron expression; expected 5 fields "
-            "(minute hour day-of-month month day-of-week), e.g. '0 3 * * 1'"
-        )
-    import zoneinfo
-
-    try:
-        zoneinfo.ZoneInfo(schedule.timezone)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"schedule.timezone: {schedule.timezone!r} is not a time zone; expected an IANA "
-            "name such as 'UTC' or 'Europe/Berlin'"
-        ) from None
-
-
-def parse_params(raw: Any) -> Config:
-    """Validate a parsed ``params.yaml`` mapping and return the frozen :class:`Config`."""
-    cfg = _build(Config, raw, "")
-    _cross_checks(cfg)
-    return cfg
-
-
-def load_params(path: str | Path = "params.yaml") -> Config:
-    """Read, validate and freeze ``params.yaml``. Raises :class:`ConfigError` on any problem."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        msg = f"{path}: file not found; run from the project root or pass --params"
-        raise ConfigError(msg) from None
-    try:
-        raw = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
-    return parse_params(raw)

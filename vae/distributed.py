@@ -58,9 +58,19 @@ def select_device(requested: str = "auto") -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    from vae.config import ConfigError
+
     dev = torch.device(requested)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device: {requested!r} requested but CUDA is not available")
+        raise ConfigError(
+            f"train.device: {requested!r}, but this machine has no CUDA device that torch "
+            f"{torch.__version__} can use; set train.device: auto or cpu"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device: {requested!r}, but this machine has {torch.cuda.device_count()} "
+            "CUDA device(s)"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"train.device: {requested!r} requested but MPS is not available")
+        raise ConfigError(f"train.device: {requested!r}, but MPS is not available here")
     return dev

@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["LockTimeout", "file_lock", "registry_lock_path"]
+__all__ = ["WRITER_LOCK", "LockTimeout", "file_lock", "registry_lock_path", "workspace_writer"]
+
+# One writer per workspace: the stages that write models/, metrics/ and the registry take it.
+WRITER_LOCK = Path(".vae-writer.lock")
 
 
 class LockTimeout(RuntimeError):
@@ -37,9 +40,9 @@ def file_lock(path: str | Path, timeout: float, what: str) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     holder = Path(path).read_text().strip() or "another process"
+                    waited = f"was not released within {timeout:g} s" if timeout else "is busy"
                     raise LockTimeout(
-                        f"{what}: {path} is held by {holder} and was not released within "
-                        f"{timeout:g} s; try again later"
+                        f"{what}: {path} is held by {holder} and {waited}; try again later"
                     ) from None
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
@@ -61,3 +64,18 @@ def registry_lock_path(uri: str, registered_model: str) -> Path:
         return db.with_name(f"{db.name}.register-{registered_model}.lock")
     digest = hashlib.sha256(f"{uri}|{registered_model}".encode()).hexdigest()[:16]
     return Path(tempfile.gettempdir()) / f"vae-register-{digest}.lock"
+
+
+@contextmanager
+def workspace_writer(what: str, folder: str | Path = ".") -> Iterator[None]:
+    """Refuse at once (:class:`LockTimeout`, exit 75) while another writer works in ``folder``.
+
+    DVC's own lock covers ``dvc repro`` only; this one also covers a ``vae`` command started by
+    hand or by a scheduler. An OS lock (``flock``): a killed process cannot leave it held. Under
+    torchrun only rank 0 writes, so only rank 0 takes it.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with file_lock(Path(folder) / WRITER_LOCK, 0.0, what):
+        yield
