@@ -242,10 +242,11 @@ def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
     import yaml
 
     from vae.cli import main as vae_main
+    from vae.params import parse_params
 
     work = Path(spec["out_dir"])
-    params = work / "params.yaml"
-    params.write_text(yaml.safe_dump(spec["params"]))
+    params = work / "params.yaml"  # every section, as the CLI requires
+    params.write_text(yaml.safe_dump(parse_params(spec["params"]).to_dict()))
     argv = ["--params", str(params), "-q", "train", "--data", spec["data"], "--no-resume"]
     argv += [f"--{d}={work / d}" for d in ("models", "metrics", "plots")]
     t0 = time.perf_counter()

@@ -15,30 +15,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vae.checkpoint import (
-    load_checkpoint,
-    run_identity,
-    save_checkpoint,
-    save_model,
-    why_not_resume,
-)
+from vae.checkpoint import load_checkpoint, run_identity, save_model, why_not_resume
 from vae.config import Config, ConfigError
 from vae.data import Split, batch_to_float, float_images
 from vae.distributed import rank_and_world
 from vae.losses import LossTerms, kl_weight, negative_elbo
 from vae.model import VAE
-from vae.tracking import NullTracker, Tracker
+from vae.tracking import Tracker
 
-__all__ = ["NonFiniteLossError", "TrainResult", "lr_at", "train"]
+__all__ = ["NonFiniteLossError", "Run", "TrainResult", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "elbo", "recon", "kl")
@@ -117,6 +110,33 @@ def _flush_denormals(device: torch.device) -> Any:
             torch.set_flush_denormal(False)
 
 
+@dataclass
+class Run:
+    """What the loop carries from step to step, and what a checkpoint saves and restores."""
+
+    cfg: Config
+    model: VAE
+    net: torch.nn.Module  # what a step calls: the model, wrapped by DDP and/or compiled
+    opt: torch.optim.Optimizer
+    shuffle_gen: torch.Generator  # CPU: the epoch's permutation
+    noise_gen: torch.Generator  # on the device: binarization noise and eps
+    x_val: torch.Tensor  # the validation images, binarized once
+    autocast: contextlib.AbstractContextManager[Any]
+    n: int  # training images
+    rank: int = 0
+    world: int = 1
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimiser steps
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_nelbo: float = math.inf  # the best validation -ELBO so far, of epoch best_epoch
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def n_batches(self) -> int:
+        return math.ceil(self.n / self.cfg.train.batch_size)
+
+
 def train(
     cfg: Config,
     train_split: Split,
@@ -131,27 +151,30 @@ def train(
 
     Resumes from ``out_dir/checkpoint.pt`` when ``resume`` and its params match; reports each
     epoch's row to ``tracker`` and ``on_epoch_end``; writes ``out_dir/model.pt`` (best epoch).
+    The loop itself only steps and validates; checkpoints, tracking, the log line and the
+    progress bar are callbacks (:mod:`vae.callbacks`), chosen once, on rank 0 only.
     """
+    from vae.callbacks import standard_callbacks
+
     with _flush_denormals(train_split.images.device):
-        return _train(
-            cfg, train_split, val_split, out_dir, tracker, resume, dataset_sha256, on_epoch_end
-        )
+        run = _setup(cfg, train_split, val_split)
+        identity = run_identity(cfg, dataset_sha256)  # once: it hashes the training code
+        ckpt_path = out_dir / "checkpoint.pt"
+        resumed_from = _resume(run, ckpt_path, identity) if resume else 0
+        callbacks = standard_callbacks(run, ckpt_path, identity, tracker, on_epoch_end)
+        while run.epoch < cfg.train.epochs:
+            for cb in callbacks:
+                cb.on_epoch_start(run)
+            row = _run_epoch(run, train_split, callbacks, ckpt_path)
+            for cb in callbacks:
+                cb.on_epoch_end(run, row)
+        return _finish(run, out_dir, dataset_sha256, resumed_from)
 
 
-def _train(
-    cfg: Config,
-    train_split: Split,
-    val_split: Split,
-    out_dir: Path,
-    tracker: Tracker | None,
-    resume: bool,
-    dataset_sha256: str,
-    on_epoch_end: Callable[[dict[str, float]], None] | None,
-) -> TrainResult:
+def _setup(cfg: Config, train_split: Split, val_split: Split) -> Run:
+    """Check, seed and build: the model, the optimiser, the generators, DDP and compile."""
     tc = cfg.train
     rank, world = rank_and_world()
-    main_rank = rank == 0
-    tracker = tracker if (tracker is not None and main_rank) else NullTracker()
     device = train_split.images.device
     n = len(train_split)
     if tc.batch_size > n:
@@ -161,192 +184,159 @@ def _train(
         )
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    torch.manual_seed(tc.seed)
-    image_shape = tuple(train_split.images.shape[1:])
-    model = VAE(cfg.model, image_shape).to(device)
+    torch.manual_seed(tc.seed)  # the weights' initialisation
+    model = VAE(cfg.model, tuple(train_split.images.shape[1:])).to(device)
     # fused: one kernel for the whole update (19% faster steps on a 2-core CPU, same result)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, fused=device.type in ("cpu", "cuda"))
-    shuffle_gen = torch.Generator().manual_seed(tc.seed)  # CPU: permutations
-    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)  # binarize + eps
+    shuffle_gen = torch.Generator().manual_seed(tc.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(tc.seed + 1)
     x_val = float_images(val_split, cfg.data.binarize, tc.seed + 2)
-    autocast = _autocast(device, tc.precision)
     net: torch.nn.Module = model
     if world > 1:  # gradients are all-reduced; every rank holds the same weights
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    step_fn = net
     if tc.compile:
         # On one CUDA device, "reduce-overhead" also replays the compiled forward and backward as
         # CUDA graphs: a step of this small model is ~40 short kernels, so launches dominate.
         # Not under DDP, whose gradient hooks run between the graph's pieces.
         mode = "reduce-overhead" if device.type == "cuda" and world == 1 else None
-        step_fn = torch.compile(net, mode=mode)
+        net = torch.compile(net, mode=mode)
+    autocast = _autocast(device, tc.precision)
+    return Run(cfg, model, net, opt, shuffle_gen, noise_gen, x_val, autocast, n, rank, world)
 
-    ckpt_path = out_dir / "checkpoint.pt"
-    history: list[dict[str, float]] = []
-    epoch = step = 0
-    best = {"val_loss": math.inf, "epoch": -1, "state": None}
-    resumed_from = 0
-    identity = run_identity(cfg, dataset_sha256)  # once: it hashes the training code
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if reason := why_not_resume(ckpt, identity, tc.epochs):
-            log.warning("not resuming %s: %s; starting from scratch", ckpt_path, reason)
-        else:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            shuffle_gen.set_state(ckpt["rng"]["shuffle"])
-            noise_gen.set_state(ckpt["rng"]["noise"].to(noise_gen.get_state().device))
-            epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-            best = {
-                "val_loss": ckpt["best_val_loss"],
-                "epoch": ckpt["best_epoch"],
-                "state": ckpt["best_model"],
-            }
-            resumed_from = epoch
-            log.info("resuming from %s at epoch %d (step %d)", ckpt_path, epoch, step)
 
-    n_batches = math.ceil(n / tc.batch_size)
-    total_steps = n_batches * tc.epochs
-    show_bar = sys.stderr.isatty() and main_rank
-    shard = slice(rank, None, world)  # this rank's rows of every global batch
-    while epoch < tc.epochs:
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=shuffle_gen).to(device, non_blocking=True)
-        sums = torch.zeros(4, device=device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        bar = _progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}") if show_bar else None
-        for i in range(n_batches):
-            idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]  # the global batch (B,)
-            # Noise is drawn for the whole global batch and sliced, so N ranks see exactly the
-            # numbers one process would: DDP reproduces the single-process trajectory.
-            b = idx.shape[0]
-            u = None
-            if cfg.data.binarize == "dynamic":
-                u = torch.rand((b, *image_shape), generator=noise_gen, device=device)[shard]
-            eps = torch.randn((b, cfg.model.latent_dim), generator=noise_gen, device=device)
-            idx = idx[shard]
-            x = batch_to_float(train_split.images[idx], cfg.data.binarize, uniform=u)
-            w = kl_weight(step, tc.kl_warmup_steps, tc.beta)
-            if tc.lr_decay > 0:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, tc.lr, tc.lr_decay)
-            with autocast:
-                terms = negative_elbo(x, step_fn(x, eps=eps[shard]), w, tc.free_bits)
-            opt.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            opt.step()
-            stacked = torch.stack(terms).detach().float()
-            bad = ~torch.isfinite(stacked).all()
-            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-            sums += stacked * idx.shape[0]
-            step += 1
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        if world > 1:  # per-epoch totals over all ranks (one collective per epoch)
-            import torch.distributed as dist
+def _resume(run: Run, ckpt_path: Path, identity: dict[str, Any]) -> int:
+    """Restore ``run`` from ``ckpt_path`` when it fits; returns the epochs it had completed."""
+    if not ckpt_path.exists():
+        return 0
+    ckpt = load_checkpoint(ckpt_path)
+    if reason := why_not_resume(ckpt, identity, run.cfg.train.epochs):
+        log.warning("not resuming %s: %s; starting from scratch", ckpt_path, reason)
+        return 0
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    run.shuffle_gen.set_state(ckpt["rng"]["shuffle"])
+    run.noise_gen.set_state(ckpt["rng"]["noise"].to(run.noise_gen.get_state().device))
+    run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+    # "best_val_loss" on disk: the name checkpoints have always used for the best -ELBO
+    run.best_nelbo, run.best_epoch = ckpt["best_val_loss"], ckpt["best_epoch"]
+    run.best_state = ckpt["best_model"]
+    log.info("resuming from %s at epoch %d (step %d)", ckpt_path, run.epoch, run.step)
+    return run.epoch
 
-            dist.all_reduce(sums)
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-        if (bad_step := int(first_bad)) >= 0:  # the one sync per epoch
-            raise NonFiniteLossError(
-                f"the loss became NaN or inf at step {bad_step} (epoch {epoch + 1}); "
-                f"kept the last good checkpoint {ckpt_path} (epoch {epoch}). "
-                "Lower train.lr, set train.grad_clip, or check the data"
-            )
-        val = evaluate_elbo(model, x_val, tc.seed + 3, autocast=autocast)
-        epoch += 1
-        seconds = time.perf_counter() - t0
-        train_terms = (sums / n).tolist()
-        row = {
-            "epoch": epoch,
-            "step": step,
-            "kl_weight": kl_weight(step, tc.kl_warmup_steps, tc.beta),
-            "lr": opt.param_groups[0]["lr"],
-        }
-        row.update({f"train_{k}": v for k, v in zip(TERMS, train_terms, strict=True)})
-        row.update({f"val_{k}": float(v) for k, v in zip(TERMS, val, strict=True)})
-        row["val_nelbo"] = -row["val_elbo"]
-        row["seconds"] = seconds
-        history.append(row)
-        if row["val_nelbo"] < best["val_loss"]:
-            best = {
-                "val_loss": row["val_nelbo"],
-                "epoch": epoch,
-                "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-            }
-        if not main_rank:
-            continue  # only rank 0 writes checkpoints, metrics and tracking records
-        save_checkpoint(
-            ckpt_path,
-            identity,
-            model=model.state_dict(),
-            optimizer=opt.state_dict(),
-            image_shape=list(model.image_shape),
-            epoch=epoch,
-            step=step,
-            history=history,
-            best_val_loss=best["val_loss"],
-            best_epoch=best["epoch"],
-            best_model=best["state"],
-            rng={"shuffle": shuffle_gen.get_state(), "noise": noise_gen.get_state().cpu()},
+
+def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) -> dict[str, float]:
+    """One pass over the training split, then validation; returns the epoch's row."""
+    cfg, tc = run.cfg, run.cfg.train
+    device = split.images.device
+    run.model.train()
+    t0 = time.perf_counter()
+    perm = torch.randperm(run.n, generator=run.shuffle_gen).to(device, non_blocking=True)
+    sums = torch.zeros(4, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    shard = slice(run.rank, None, run.world)  # this rank's rows of every global batch
+    total_steps = run.n_batches * tc.epochs
+    for i in range(run.n_batches):
+        idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]  # the global batch (B,)
+        # Noise is drawn for the whole global batch and sliced, so N ranks see exactly the
+        # numbers one process would: DDP reproduces the single-process trajectory.
+        shape = (idx.shape[0], *split.images.shape[1:])
+        u = None
+        if cfg.data.binarize == "dynamic":
+            u = torch.rand(shape, generator=run.noise_gen, device=device)[shard]
+        eps = torch.randn(
+            (idx.shape[0], cfg.model.latent_dim), generator=run.noise_gen, device=device
         )
-        tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
-        log.info(
-            "epoch %d/%d  train -elbo %.2f  val -elbo %.2f (recon %.2f, kl %.2f)  "
-            "%.1fs (%.0f img/s)",
-            epoch,
-            tc.epochs,
-            -row["train_elbo"],
-            row["val_nelbo"],
-            row["val_recon"],
-            row["val_kl"],
-            seconds,
-            n / seconds,
+        idx = idx[shard]
+        x = batch_to_float(split.images[idx], cfg.data.binarize, uniform=u)
+        stacked = _step(run, x, eps[shard], total_steps)
+        first_bad = torch.where(
+            ~torch.isfinite(stacked).all() & (first_bad < 0), run.step, first_bad
         )
-        if on_epoch_end is not None:
-            on_epoch_end(row)
+        sums += stacked * idx.shape[0]
+        run.step += 1
+        for cb in callbacks:
+            cb.on_step(run)
+    if run.world > 1:  # per-epoch totals over all ranks (one collective per epoch)
+        import torch.distributed as dist
 
-    model.load_state_dict(best["state"])
+        dist.all_reduce(sums)
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+    if (bad_step := int(first_bad)) >= 0:  # the one sync per epoch
+        raise NonFiniteLossError(
+            f"the loss became NaN or inf at step {bad_step} (epoch {run.epoch + 1}); "
+            f"kept the last good checkpoint {ckpt_path} (epoch {run.epoch}). "
+            "Lower train.lr, set train.grad_clip, or check the data"
+        )
+    val = evaluate_elbo(run.model, run.x_val, tc.seed + 3, autocast=run.autocast)
+    run.epoch += 1
+    row = _epoch_row(run, (sums / run.n).tolist(), val, time.perf_counter() - t0)
+    run.history.append(row)
+    if row["val_nelbo"] < run.best_nelbo:
+        run.best_nelbo, run.best_epoch = row["val_nelbo"], run.epoch
+        run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+    return row
+
+
+def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> torch.Tensor:
+    """One optimiser step on batch ``x``; returns the detached (loss, elbo, recon, kl)."""
+    tc = run.cfg.train
+    w = kl_weight(run.step, tc.kl_warmup_steps, tc.beta)
+    if tc.lr_decay > 0:
+        for group in run.opt.param_groups:
+            group["lr"] = lr_at(run.step, total_steps, tc.lr, tc.lr_decay)
+    with run.autocast:
+        terms = negative_elbo(x, run.net(x, eps=eps), w, tc.free_bits)
+    run.opt.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    if tc.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+    run.opt.step()
+    return torch.stack(terms).detach().float()
+
+
+def _epoch_row(run: Run, train_terms: list[float], val: LossTerms, seconds: float) -> dict:
+    tc = run.cfg.train
+    row = {
+        "epoch": run.epoch,
+        "step": run.step,
+        "kl_weight": kl_weight(run.step, tc.kl_warmup_steps, tc.beta),
+        "lr": run.opt.param_groups[0]["lr"],
+    }
+    row.update({f"train_{k}": v for k, v in zip(TERMS, train_terms, strict=True)})
+    row.update({f"val_{k}": float(v) for k, v in zip(TERMS, val, strict=True)})
+    row["val_nelbo"] = -row["val_elbo"]
+    row["seconds"] = seconds
+    return row
+
+
+def _finish(run: Run, out_dir: Path, dataset_sha256: str, resumed_from: int) -> TrainResult:
+    """Load the best epoch's weights, write ``model.pt`` (rank 0), summarise the run."""
+    model, history = run.model, run.history
+    model.load_state_dict(run.best_state)
     model.eval()
-    if main_rank:
+    if run.rank == 0:
+        summary = {"epoch": run.best_epoch, "val_nelbo": run.best_nelbo}
         save_model(
-            out_dir / "model.pt",
-            model,
-            cfg.data,
-            {
-                "epoch": best["epoch"],
-                "val_nelbo": best["val_loss"],
-                "dataset_sha256": dataset_sha256,
-            },
+            out_dir / "model.pt", model, run.cfg.data, {**summary, "dataset_sha256": dataset_sha256}
         )
     last = history[-1]
     timed = [r["seconds"] for r in history[1:]] or [history[0]["seconds"]]
+    per_epoch = sum(timed) / len(timed)
     metrics = {
-        "best_epoch": best["epoch"],
-        "best_val_nelbo": best["val_loss"],
+        "best_epoch": run.best_epoch,
+        "best_val_nelbo": run.best_nelbo,
         "final_train_nelbo": -last["train_elbo"],
         "final_val_nelbo": last["val_nelbo"],
         "final_val_recon": last["val_recon"],
         "final_val_kl": last["val_kl"],
         "epochs": last["epoch"],
         "steps": last["step"],
-        "seconds_per_epoch": sum(timed) / len(timed),
-        "train_images_per_second": n / (sum(timed) / len(timed)),
-        "device": str(device),
-        "world_size": world,
+        "seconds_per_epoch": per_epoch,
+        "train_images_per_second": run.n / per_epoch,
+        "device": str(run.x_val.device),
+        "world_size": run.world,
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     return TrainResult(model, history, metrics, resumed_from)
-
-
-def _progress(total: int, desc: str) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
