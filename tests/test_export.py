@@ -11,14 +11,13 @@ from vae.config import ExportConfig, ModelConfig
 from vae.data import Split, float_images
 from vae.export import (
     downstream_metrics,
-    embed,
     embeddings_frame,
     export,
     knn_predict,
     latent_matrix,
     read_embeddings,
 )
-from vae.model import VAE
+from vae.model import VAE, embed
 
 SHAPE = (1, 8, 8)
 CFG = ExportConfig(batch_size=7, knn_k=3, probe_max_iter=200)

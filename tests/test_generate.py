@@ -94,7 +94,7 @@ def test_reconstructions_alternate_originals_and_decoder_means(tmp_path: Path) -
     # Every original tile (rows 0 and 2) is one of the test images, and its partner below it
     # is that image's reconstruction: the decoder mean at the posterior mean.
     x = test.images.float() / 255.0
-    x_hat = model.decode(model.encode(x).mean).mean()
+    x_hat = model.decode(model.encode(x).mean).mean
     quantised = (x_hat * 255 + 0.5).clamp(0, 255).to(torch.uint8)[:, 0].numpy()
     originals = test.images[:, 0].numpy()
     for k in range(6):

@@ -64,7 +64,7 @@ def test_bernoulli_likelihood_matches_torch() -> None:
     x = torch.bernoulli(torch.full((4, 1, 5, 5), 0.5), generator=g)
     ref = D.Bernoulli(logits=logits).log_prob(x).flatten(1).sum(-1)
     torch.testing.assert_close(BernoulliLikelihood(logits).log_prob(x), ref)
-    torch.testing.assert_close(BernoulliLikelihood(logits).mean(), torch.sigmoid(logits))
+    torch.testing.assert_close(BernoulliLikelihood(logits).mean, torch.sigmoid(logits))
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -158,8 +158,8 @@ def test_model_shapes_and_generation(overrides: dict) -> None:
     x = torch.rand(5, 1, 8, 8)
     out = model(x, torch.Generator().manual_seed(0))
     assert out.posterior.mean.shape == (5, 3) and out.z.shape == (5, 3)
-    assert out.likelihood.mean().shape == (5, 1, 8, 8)
-    assert model.decode(torch.zeros(2, 5, 3)).mean().shape == (2, 5, 1, 8, 8)
+    assert out.likelihood.mean.shape == (5, 1, 8, 8)
+    assert model.decode(torch.zeros(2, 5, 3)).mean.shape == (2, 5, 1, 8, 8)
     mean = model.generate(6, torch.Generator().manual_seed(1), mean=True)
     sample = model.generate(6, torch.Generator().manual_seed(1), mean=False)
     assert mean.shape == sample.shape == (6, 1, 8, 8)

@@ -157,7 +157,7 @@ def test_pyfunc_matches_eager_model(local: tuple[Path, str]) -> None:
     with torch.no_grad():
         q = eager.encode(torch.from_numpy(images))
         mu, logvar = q.mean.numpy(), q.logvar.numpy()
-        recon = eager.decode(q.mean).mean().flatten(1).numpy()
+        recon = eager.decode(q.mean).mean.flatten(1).numpy()
     np.testing.assert_allclose(pyfunc.predict(flat), mu, rtol=1e-5, atol=1e-6)
     both = pyfunc.predict(flat, params={"logvar": True})
     np.testing.assert_allclose(both, np.concatenate([mu, logvar], 1), rtol=1e-5, atol=1e-6)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import write_idx_dataset, write_params
+from vae.atomic import atomic_open, atomic_write_json
 from vae.checkpoint import load_checkpoint
-from vae.io import atomic_open, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 

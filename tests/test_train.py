@@ -206,3 +206,15 @@ def test_a_model_saved_before_activation_existed_loads_as_relu(prepared: Path) -
     model, _ = load_model("models/old.pt")
     assert model.cfg.activation == "relu"  # what every model was trained with back then
     assert isinstance(model.encoder.net[2], torch.nn.ReLU)
+
+
+def test_the_code_fingerprint_ignores_comments_and_docstrings() -> None:
+    """A comment or docstring edit must resume; a change of behaviour must retrain."""
+    from vae.checkpoint import behaviour
+
+    source = (Path(vae.train.__file__)).read_text()
+    edited = source.replace('"""The training loop', '"""The training loop, reworded', 1)
+    edited = edited.replace("\n\n\ndef lr_at(", "\n\n\n# a new comment\ndef lr_at(", 1)
+    assert edited != source and behaviour(edited) == behaviour(source)
+    changed = source.replace("return lr * 0.5 *", "return lr * 0.25 *", 1)
+    assert changed != source and behaviour(changed) != behaviour(source)

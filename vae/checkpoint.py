@@ -10,6 +10,7 @@ model: ``load_model`` never guesses.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import importlib
@@ -19,12 +20,13 @@ from typing import Any
 import torch
 
 import vae
+from vae.atomic import atomic_torch_save
 from vae.config import Config, ConfigError, DataConfig, ModelConfig
-from vae.io import atomic_torch_save
 from vae.model import VAE
 
 __all__ = [
     "CheckpointError",
+    "behaviour",
     "code_fingerprint",
     "load_checkpoint",
     "load_model",
@@ -67,17 +69,31 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _load(Path(path), CHECKPOINT_FORMAT)
 
 
-# The modules whose code decides the numbers a run produces. A checkpoint written by other code
-# is not resumed: under DVC a change here reruns `train`, and it must really retrain.
+# The modules whose code decides the numbers a training step produces. A checkpoint written by
+# code that behaves differently is not resumed. What counts is behaviour, not bytes: DVC reruns
+# `train` on any byte change of a dependency, and after a comment or docstring edit that rerun
+# should be a cheap resume, not a retraining from scratch.
 _NUMERIC_MODULES = ("train", "model", "losses", "distributions", "data")
 
 
+def behaviour(source: str) -> str:
+    """The module's syntax tree without docstrings (comments and layout never reach the AST)."""
+    tree = ast.parse(source)
+    scopes = ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+    for node in ast.walk(tree):
+        first = node.body[0] if isinstance(node, scopes) and node.body else None
+        value = first.value if isinstance(first, ast.Expr) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):  # a docstring
+            node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
+
+
 def code_fingerprint() -> str:
-    """sha256 over the source of the modules that determine a training run's numbers."""
+    """sha256 over the behaviour (:func:`behaviour`) of the modules a training step runs."""
     h = hashlib.sha256()
     for name in _NUMERIC_MODULES:
         module = importlib.import_module(f"vae.{name}")
-        h.update(Path(module.__file__ or "").read_bytes())
+        h.update(behaviour(Path(module.__file__ or "").read_text()).encode())
     return h.hexdigest()
 
 

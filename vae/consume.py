@@ -158,7 +158,7 @@ def encode_to_parquet(
     """Write one row per input image to ``out`` (Parquet, one row group a batch)."""
     import pyarrow.parquet as pq
 
-    from vae.io import atomic_open
+    from vae.atomic import atomic_open
 
     paths = expand_inputs(inputs)
     total, start, rows = count_images(paths), time.perf_counter(), 0
@@ -198,7 +198,7 @@ def image_grid(images: np.ndarray, ncol: int = 8, pad: int = 2) -> np.ndarray:
 def _save_png(grid: np.ndarray, out: Path) -> None:
     from PIL import Image
 
-    from vae.io import atomic_write_with
+    from vae.atomic import atomic_write_with
 
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     atomic_write_with(out, lambda tmp: img.save(tmp, format="PNG"))

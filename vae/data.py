@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
+from vae.atomic import atomic_torch_save, atomic_write_json
 from vae.config import DataConfig
-from vae.io import atomic_torch_save, atomic_write_json
 from vae.raw import DataError, DataUnavailable, Split, read_source
 
 __all__ = [

@@ -73,11 +73,12 @@ class BernoulliLikelihood:
         )
         return ll.flatten(-self.event_ndim).sum(-1)
 
+    @property
     def mean(self) -> torch.Tensor:
         return torch.sigmoid(self.logits)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.bernoulli(self.mean(), generator=generator)
+        return torch.bernoulli(self.mean, generator=generator)
 
 
 class GaussianLikelihood:
@@ -96,6 +97,7 @@ class GaussianLikelihood:
         ll = -0.5 * (LOG_2PI + self.logvar + (x - self.loc).pow(2) / self.logvar.exp())
         return ll.flatten(-self.event_ndim).sum(-1)
 
+    @property
     def mean(self) -> torch.Tensor:
         return self.loc
 

@@ -27,7 +27,7 @@ import torch
 
 from vae.config import EvaluateConfig
 from vae.distributions import DiagonalGaussian, Likelihood, standard_normal_log_prob
-from vae.model import VAE
+from vae.model import VAE, eval_mode
 
 __all__ = ["LatentVariableModel", "active_units", "evaluate", "iwae_log_likelihood"]
 
@@ -116,22 +116,20 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
       closed-form KL per latent unit; they sum to ``kl``).
     - ``n_images``, ``iw_samples``, ``seconds`` (wall time) and ``images_x_samples_per_second``.
     """
-    was_training = model.training
-    model.eval()
-    t0 = time.perf_counter()
-    gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed)
-    n, k = x_all.shape[0], cfg.iw_samples
-    sums = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # sum log p(x), sum elbo
-    kl_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=x_all.device)
-    for i in range(0, n, cfg.batch_size):
-        x = x_all[i : i + cfg.batch_size]
-        q = model.encode(x)
-        log_w = _log_weights(model, x, q, k, gen, DECODE_ROWS)  # (K, B)
-        log_px = torch.logsumexp(log_w, 0) - math.log(k)  # (B,)
-        sums += torch.stack([log_px.sum(), log_w.mean(0).sum()])
-        kl_dim += q.kl_per_dim().double().sum(0)
-    n_active, _ = active_units(model, x_all, cfg.batch_size, cfg.active_unit_threshold)
-    model.train(was_training)
+    with eval_mode(model):
+        t0 = time.perf_counter()
+        gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed)
+        n, k = x_all.shape[0], cfg.iw_samples
+        sums = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # sum log p(x), sum elbo
+        kl_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=x_all.device)
+        for i in range(0, n, cfg.batch_size):
+            x = x_all[i : i + cfg.batch_size]
+            q = model.encode(x)
+            log_w = _log_weights(model, x, q, k, gen, DECODE_ROWS)  # (K, B)
+            log_px = torch.logsumexp(log_w, 0) - math.log(k)  # (B,)
+            sums += torch.stack([log_px.sum(), log_w.mean(0).sum()])
+            kl_dim += q.kl_per_dim().double().sum(0)
+        n_active, _ = active_units(model, x_all, cfg.batch_size, cfg.active_unit_threshold)
 
     log_px, elbo = (sums / n).tolist()  # the one sync
     kl_per_dim = (kl_dim / n).tolist()

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vae.atomic import atomic_write_with
 from vae.config import ExportConfig
 from vae.data import Split, float_images
-from vae.io import atomic_write_with
-from vae.model import VAE
+from vae.model import VAE, embed
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,30 +50,6 @@ _KNN_BLOCK_ELEMENTS = 2**25  # distances held at once by knn_predict (128 MB of 
 
 # ---------------------------------------------------------------------------------------------
 # Maths
-
-
-@torch.no_grad()
-def embed(model: VAE, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and log-variance of q(z|x) for float images (N, C, H, W) in [0, 1].
-
-    Returns ``(mu, logvar)``, each (N, D) float32 on the CPU. Batches of ``batch_size`` are
-    moved to the model's device one at a time, so ``images`` may live on the CPU.
-    """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    mus, logvars = [], []
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            q = model.encode(images[i : i + batch_size].to(device))
-            mus.append(q.mean.float().cpu())  # (B, D)
-            logvars.append(q.logvar.float().cpu())  # (B, D)
-    finally:
-        model.train(was_training)
-    d = model.latent_dim
-    if not mus:
-        return torch.empty(0, d), torch.empty(0, d)
-    return torch.cat(mus), torch.cat(logvars)
 
 
 @torch.no_grad()

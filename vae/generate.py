@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 
+from vae.atomic import atomic_write_with
 from vae.config import GenerateConfig
 from vae.data import Split, float_images
-from vae.export import embed
-from vae.io import atomic_write_with
-from vae.model import VAE
+from vae.model import VAE, embed, eval_mode
 
 __all__ = ["generate", "interleave_rows", "interpolate", "latent_coords", "pca_2d"]
 
@@ -158,9 +157,7 @@ def generate(
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         paths = {name: out_dir / f"{name}.png" for name in NAMES}
 
         # Prior samples: the same z twice (generators seeded alike), mean and then a draw.
@@ -178,19 +175,17 @@ def generate(
         pick = torch.Generator().manual_seed(cfg.seed)  # CPU: indices do not depend on device
 
         idx = _choose(n, cfg.n_reconstructions, pick)
-        x_hat = model.decode(mu[idx].to(device)).mean()
+        x_hat = model.decode(mu[idx].to(device)).mean
         grid = interleave_rows(x[idx].to(device), x_hat, cfg.nrow)
         _write_grid(paths["reconstructions"], grid, cfg.nrow)
 
         ends = _choose(n, 2 * cfg.n_interpolations, pick).view(2, -1)  # (2, P)
         z = interpolate(mu[ends[0]], mu[ends[1]], cfg.interpolation_steps)  # (P, S, D)
-        x_line = model.decode(z.to(device)).mean()  # (P, S, C, H, W)
+        x_line = model.decode(z.to(device)).mean  # (P, S, C, H, W)
         _write_grid(paths["interpolations"], x_line.flatten(0, 1), cfg.interpolation_steps)
 
         coords, axes = latent_coords(mu)
         _write_scatter(paths["latent_2d"], coords, test.labels, axes, class_names)
-    finally:
-        model.train(was_training)
     return {name: str(p) for name, p in paths.items()}
 
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vae.atomic import atomic_write_json, load_json
 from vae.config import Config, MlflowConfig
-from vae.io import atomic_write_json, load_json
 from vae.lineage import dvc_root, run_tags
 
 __all__ = [

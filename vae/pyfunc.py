@@ -164,7 +164,7 @@ class VAEPyfunc:
             if mode == "encode":
                 out = torch.cat([q.mean, q.logvar], 1) if p["logvar"] else q.mean
                 return out.numpy()
-            return self.model.decode(q.mean).mean().flatten(1).numpy()
+            return self.model.decode(q.mean).mean.flatten(1).numpy()
 
 
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> VAEPyfunc:

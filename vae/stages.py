@@ -38,7 +38,7 @@ class StageError(RuntimeError):
 
 
 def _check_prepared(cfg: Config, prepared: Path) -> dict:
-    from vae.io import load_json
+    from vae.atomic import load_json
 
     path = prepared / "manifest.json"
     if not path.is_file():
@@ -120,7 +120,7 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 def _write_training_outputs(
     result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
 ) -> None:
-    from vae.io import atomic_write_json, atomic_write_text
+    from vae.atomic import atomic_write_json, atomic_write_text
     from vae.mlflow_tracker import log_stage
 
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
@@ -153,9 +153,9 @@ def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, tor
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.atomic import atomic_write_json
     from vae.data import float_images, load_split
     from vae.evaluate import evaluate
-    from vae.io import atomic_write_json
     from vae.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
@@ -179,9 +179,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.atomic import atomic_write_json
     from vae.data import load_split
     from vae.export import export
-    from vae.io import atomic_write_json
     from vae.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
@@ -228,7 +228,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.io import atomic_write_json
+    from vae.atomic import atomic_write_json
     from vae.lineage import experiment_name
     from vae.mlflow_tracker import log_stage
 
@@ -290,9 +290,9 @@ def _register(
     manifest: dict,
     device: torch.device,
 ) -> dict:
+    from vae.atomic import load_json
     from vae.data import float_images, load_split
     from vae.evaluate import evaluate
-    from vae.io import load_json
     from vae.lineage import run_tags
     from vae.registry import register
 
@@ -324,7 +324,7 @@ def _register(
 
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
-    from vae.io import load_json
+    from vae.atomic import load_json
     from vae.mlflow_tracker import log_stage, start_pipeline_run
 
     if not cfg.mlflow.enabled:

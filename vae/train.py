@@ -28,7 +28,7 @@ from vae.config import Config, ConfigError
 from vae.data import Split, batch_to_float, float_images
 from vae.distributed import rank_and_world
 from vae.losses import LossTerms, kl_weight, negative_elbo
-from vae.model import VAE
+from vae.model import VAE, eval_mode
 from vae.tracking import Tracker
 
 __all__ = ["NonFiniteLossError", "Run", "TrainResult", "lr_at", "train"]
@@ -79,16 +79,14 @@ def evaluate_elbo(
     autocast: contextlib.AbstractContextManager[Any] | None = None,
 ) -> LossTerms:
     """Mean single-sample ELBO terms over pre-binarized float images, with a fixed seed."""
-    was_training = model.training
-    model.eval()
-    gen = torch.Generator(device=x_all.device).manual_seed(seed)
-    sums = torch.zeros(4, device=x_all.device)
-    for i in range(0, x_all.shape[0], batch_size):
-        x = x_all[i : i + batch_size]
-        with autocast or contextlib.nullcontext():
-            terms = negative_elbo(x, model(x, gen))
-        sums += torch.stack(terms).detach().float() * x.shape[0]
-    model.train(was_training)
+    with eval_mode(model):
+        gen = torch.Generator(device=x_all.device).manual_seed(seed)
+        sums = torch.zeros(4, device=x_all.device)
+        for i in range(0, x_all.shape[0], batch_size):
+            x = x_all[i : i + batch_size]
+            with autocast or contextlib.nullcontext():
+                terms = negative_elbo(x, model(x, gen))
+            sums += torch.stack(terms).detach().float() * x.shape[0]
     return LossTerms(*(sums / x_all.shape[0]))
 
 

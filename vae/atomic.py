@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (a later stage, DVC, a user) never sees a half-written file.
+"""Atomic file writes (a module name that shadows nothing: a model ships this package's code
+first on sys.path): a reader (a later stage, DVC, a user) never sees a half-written file.
 
 Every output is written to a temporary file in the same folder, flushed and fsync'ed, then
 moved over the target with ``os.replace``, which is atomic on POSIX file systems.
