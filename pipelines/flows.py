@@ -28,8 +28,8 @@ from pipelines.tasks import (
     run_stage,
     stage_order,
 )
+from vae.atomic import load_json
 from vae.config import Config, ConfigError
-from vae.io import load_json
 from vae.mlflow_tracker import tracking_uri
 from vae.params import load_params, parse_params
 
