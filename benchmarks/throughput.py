@@ -402,7 +402,7 @@ def _train_indices(data: Path, tv_root: Path, tmp: Path) -> Path:
             "(run `vae prepare` with the default data params)"
         )
     images = datasets.FashionMNIST(str(tv_root), train=True, download=False).data  # (N, 28, 28)
-    gen = torch.Generator().manual_seed(manifest["seed"])  # vae.data.prepare's split
+    gen = torch.Generator().manual_seed(manifest["seed"])  # vae.prepare.prepare's split
     perm = torch.randperm(len(images), generator=gen)
     keep = perm[max(1, round(len(images) * manifest["val_fraction"])) :].sort().values
     if not torch.equal(images[keep].unsqueeze(1), load_split(data / "train.pt").images):

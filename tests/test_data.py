@@ -9,7 +9,8 @@ from PIL import Image
 
 from tests.conftest import idx_bytes, write_idx_dataset
 from vae.config import DataConfig
-from vae.data import load_split, prepare
+from vae.data import load_split
+from vae.prepare import prepare
 from vae.raw import (
     DataError,
     DataUnavailable,

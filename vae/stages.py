@@ -81,7 +81,7 @@ def cmd_download(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.data import prepare
+    from vae.prepare import prepare
 
     prepare(cfg.data, Path(args.out), raw_dir=Path(args.raw), strict=args.strict)
 
