@@ -12,8 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import write_idx_dataset, write_params
 from vae.cli import main
+
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
 ROOT = Path(__file__).resolve().parents[1]
 

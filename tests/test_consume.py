@@ -19,6 +19,8 @@ from PIL import Image
 from tests.conftest import idx_bytes
 from vae.cli import main
 
+pytestmark = pytest.mark.slow  # each test starts MLflow; the 100k-image one streams for real
+
 NAME = "cli-vae"
 LATENT = 3
 

@@ -22,6 +22,8 @@ from tests.conftest import REPO
 from tests.test_mlflow import _post, free_port, serving, start_server, stop_server
 from tests.test_mlflow import tracking_server_args as server_args
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 NAME = "consumer-vae"
 LATENT = 3
 

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import write_idx_dataset, write_params
+
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
 # Both runs see the same global batches and the same noise (drawn for the global batch and
 # sliced per rank), so they differ only by floating-point summation order (gradients averaged

@@ -66,6 +66,7 @@ def _versions(uri: str) -> int:
     return len(MlflowClient(tracking_uri=uri).search_model_versions(f"name = '{NAME}'"))
 
 
+@pytest.mark.slow
 def test_register_waits_for_the_store_lock(trained: tuple[Path, str]) -> None:
     root, uri = trained
     lock = registry_lock_path(uri, NAME)
@@ -89,6 +90,7 @@ def test_register_waits_for_the_store_lock(trained: tuple[Path, str]) -> None:
     assert _versions(uri) == before + 1
 
 
+@pytest.mark.slow
 def test_a_lock_held_too_long_exits_75(
     trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -24,6 +24,8 @@ from vae.cli import main
 from vae.mlflow_tracker import flatten_metrics
 from vae.registry import decide_promotion
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 NAME = "tiny-vae"
 STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
 

@@ -29,6 +29,8 @@ from tests.conftest import (
 from tests.test_evaluate import KEYS
 from tests.test_export import SCORE_KEYS
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "prepare", "train", "evaluate", "export", "generate", "register"]
 NAME = "tiny-vae"

@@ -35,6 +35,8 @@ from tests.conftest import (
     write_idx_dataset,
 )
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-vae"
 MLFLOW = {

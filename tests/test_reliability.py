@@ -19,6 +19,8 @@ from tests.conftest import write_idx_dataset, write_params
 from vae.atomic import atomic_open, atomic_write_json
 from vae.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -31,6 +31,8 @@ import yaml
 
 from tests.conftest import REPO, TINY_PARAMS, dvc, process_alive, run, subprocess_env
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 MARK = "VAE_TEST_MARK"
 EXIT_WITHIN_S = 10.0
 

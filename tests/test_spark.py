@@ -22,6 +22,8 @@ import torch
 from tests.conftest import TINY_PARAMS
 from vae.cli import main
 
+pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
+
 JAVA = os.environ.get("JAVA_HOME") or shutil.which("java")
 needs_java = pytest.mark.skipif(
     JAVA is None, reason="no Java: `make java` installs openjdk-17-jre-headless"

@@ -190,6 +190,7 @@ def test_changed_training_code_starts_from_scratch(
     assert result.resumed_from == 0
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(prepared: Path, tmp_path: Path) -> None:
     splits = _splits(prepared)
     eager = train(_cfg(epochs=1), *splits, out_dir=tmp_path / "eager")
