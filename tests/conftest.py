@@ -3,11 +3,18 @@ git + DVC projects built like the real one."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +159,124 @@ def process_alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers on 127.0.0.1 (MLflow tracking servers, `mlflow models serve`) and tiny models
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def project_env(root: Path, uri: str) -> Iterator[None]:
+    """cwd = root and MLFLOW_TRACKING_URI = uri, restored afterwards."""
+    old_cwd, old_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        os.chdir(old_cwd)
+        if old_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_uri
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def start_server(
+    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
+) -> subprocess.Popen:
+    """Start a server in its own process group (it finds uvicorn on PATH, in ``bin_dir`` or
+    this venv's); wait until healthy."""
+    bin_dir = bin_dir or Path(sys.executable).parent
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_http(health, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+
+
+@contextlib.contextmanager
+def serving(
+    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
+) -> Iterator[None]:
+    proc = start_server(args, health, cwd, env, bin_dir)
+    try:
+        yield
+    finally:
+        stop_server(proc)
+
+
+def tracking_server_args(port: int, server_dir: Path) -> list[str]:
+    server_dir.mkdir(parents=True, exist_ok=True)
+    return [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{server_dir / 'backend.db'}",
+        "--artifacts-destination",
+        str(server_dir / "artifacts"),
+    ]
+
+
+def post_json(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def tiny_vae(latent_dim: int = 3, hidden_dim: int = 16, shape: tuple[int, ...] = (1, 28, 28)):
+    """A seeded, untrained MLP VAE: enough for anything that only loads, logs or encodes."""
+    from vae.config import ModelConfig
+    from vae.model import VAE
+
+    torch.manual_seed(0)
+    return VAE(ModelConfig(latent_dim=latent_dim, hidden_dim=hidden_dim), shape).eval()

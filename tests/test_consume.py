@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import idx_bytes
+from tests.conftest import idx_bytes, tiny_vae
 from vae.cli import main
 
 pytestmark = pytest.mark.slow  # each test starts MLflow; the 100k-image one streams for real
@@ -31,16 +31,13 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, 
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from vae.config import ModelConfig
-    from vae.model import VAE
     from vae.packaging import log_model
 
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim=LATENT, hidden_dim=16), (1, 28, 28)).eval()
+    model = tiny_vae(LATENT)
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("cli")).info.run_id
     mlflow.register_model(log_model(model, run_id), NAME)

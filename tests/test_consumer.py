@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.test_mlflow import _post, free_port, serving, start_server, stop_server
-from tests.test_mlflow import tracking_server_args as server_args
+from tests.conftest import REPO, free_port, post_json, serving, start_server, stop_server, tiny_vae
+from tests.conftest import tracking_server_args as server_args
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
 NAME = "consumer-vae"
 LATENT = 3
-
-
-def _tiny_model() -> torch.nn.Module:
-    from vae.config import ModelConfig
-    from vae.model import VAE
-
-    torch.manual_seed(0)
-    return VAE(ModelConfig(latent_dim=LATENT, hidden_dim=16), (1, 28, 28)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +42,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, torch
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        model = _tiny_model()
+        model = tiny_vae(LATENT)
         client = MlflowClient(uri)
         run_id = client.create_run(client.create_experiment("consumer")).info.run_id
         version = mlflow.register_model(log_model(model, run_id), NAME).version
@@ -157,7 +148,7 @@ def test_models_serve_from_the_consumer_venv(
     env = _venv_env(consumer_venv, uri)
     x = np.random.default_rng(1).random((4, 784), dtype=np.float32)
     with serving(args, f"http://127.0.0.1:{port}/ping", tmp_path, env, consumer_venv / "bin"):
-        status, body = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})
+        status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})
     assert status == 200, body
     np.testing.assert_allclose(body["predictions"], _expected(model, x), rtol=1e-5, atol=1e-6)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import subprocess_env
-from tests.test_mlflow import NAME, make_project, project_env, run_pipeline
+from tests.conftest import project_env, subprocess_env
+from tests.test_mlflow import NAME, make_project, run_pipeline
 from vae.locks import LockTimeout, file_lock, registry_lock_path
 
 HOLD = (

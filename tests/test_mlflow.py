@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +14,18 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import TINY_PARAMS, write_idx_dataset
+from tests.conftest import (
+    TINY_PARAMS,
+    free_port,
+    post_json,
+    project_env,
+    serving,
+    start_server,
+    stop_server,
+    tiny_vae,
+    tracking_server_args,
+    write_idx_dataset,
+)
 from vae.cli import main
 from vae.mlflow_tracker import flatten_metrics
 from vae.registry import decide_promotion
@@ -28,28 +34,6 @@ pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs th
 
 NAME = "tiny-vae"
 STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def project_env(root: Path, uri: str) -> Iterator[None]:
-    """cwd = root and MLFLOW_TRACKING_URI = uri, restored afterwards."""
-    old_cwd, old_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
-    os.chdir(root)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        os.chdir(old_cwd)
-        if old_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old_uri
 
 
 def make_project(root: Path, **mlflow: object) -> Path:
@@ -265,92 +249,6 @@ def test_worse_challenger_leaves_champion(local: tuple[Path, str]) -> None:
     )
 
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited early: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-def start_server(
-    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
-) -> subprocess.Popen:
-    """Start a server in its own process group (it finds uvicorn on PATH, in ``bin_dir`` or
-    this venv's); wait until healthy."""
-    bin_dir = bin_dir or Path(sys.executable).parent
-    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
-    proc = subprocess.Popen(
-        args,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _wait_http(health, proc)
-    except BaseException:
-        stop_server(proc)
-        raise
-    return proc
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-
-
-@contextlib.contextmanager
-def serving(
-    args: list[str], health: str, cwd: Path, env: dict, bin_dir: Path | None = None
-) -> Iterator[None]:
-    proc = start_server(args, health, cwd, env, bin_dir)
-    try:
-        yield
-    finally:
-        stop_server(proc)
-
-
-def tracking_server_args(port: int, server_dir: Path) -> list[str]:
-    server_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{server_dir / 'backend.db'}",
-        "--artifacts-destination",
-        str(server_dir / "artifacts"),
-    ]
-
-
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-
-
 def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
     root, uri = local
     port = free_port()
@@ -377,23 +275,23 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
         rng = np.random.default_rng(1)
         images = rng.random((3, 784)).round(4).tolist()
         url = f"http://127.0.0.1:{port}/invocations"
-        status, body = _post(url, {"inputs": images})
+        status, body = post_json(url, {"inputs": images})
         assert status == 200, body
         z = np.asarray(body["predictions"])
         assert z.shape == (3, latent)
         # the same answer from each payload format MLflow takes
         split = {"columns": list(range(784)), "data": images}
         for payload in ({"instances": images}, {"dataframe_split": split}):
-            status, body = _post(url, payload)
+            status, body = post_json(url, payload)
             assert status == 200, (list(payload), body)
             np.testing.assert_allclose(body["predictions"], z, rtol=1e-5, atol=1e-6)
-        status, body = _post(url, {"inputs": images, "params": {"mode": "reconstruct"}})
+        status, body = post_json(url, {"inputs": images, "params": {"mode": "reconstruct"}})
         assert status == 200 and np.asarray(body["predictions"]).shape == (3, 784), body
         # raw 0..255 pixels (JSON integers) with the documented switch
         pixels = rng.integers(0, 256, (3, 784))
-        status, body = _post(url, {"inputs": pixels.tolist(), "params": {"uint8": True}})
+        status, body = post_json(url, {"inputs": pixels.tolist(), "params": {"uint8": True}})
         assert status == 200, body
-        status, scaled = _post(url, {"inputs": (pixels / 255.0).tolist()})
+        status, scaled = post_json(url, {"inputs": (pixels / 255.0).tolist()})
         np.testing.assert_allclose(body["predictions"], scaled["predictions"], rtol=1e-5, atol=1e-6)
         for payload, message in (
             ({"inputs": pixels.tolist()}, 'for 0..255 pixels pass params {"uint8": true}'),
@@ -403,7 +301,7 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
             ({"inputs": images, "params": {"mode": "bogus"}}, "params.mode"),
             ({"inputs": images, "params": {"mode": "generate", "n": 51}}, "max_rows of 50"),
         ):
-            status, body = _post(url, payload)
+            status, body = post_json(url, payload)
             assert status == 400 and message in body.get("message", ""), (message, body)
 
         # A bounded burst: 200 requests from 8 threads, all answered, all equal to predict().
@@ -416,7 +314,7 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
         rng = np.random.default_rng(2)
         batches = [rng.random((2, 784)).astype(np.float32) for _ in range(200)]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            answers = list(pool.map(lambda b: _post(url, {"inputs": b.tolist()}), batches))
+            answers = list(pool.map(lambda b: post_json(url, {"inputs": b.tolist()}), batches))
         for batch, (status, body) in zip(batches, answers, strict=True):
             assert status == 200, body
             np.testing.assert_allclose(
@@ -548,14 +446,11 @@ def test_reregister_makes_an_old_version_self_contained(tmp_path: Path) -> None:
     """A version logged the old way (no code/) is logged again with its code; aliases follow."""
     import mlflow
 
-    from vae.config import ModelConfig
-    from vae.model import VAE
     from vae.pyfunc import save_vae_dir
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = _client(uri)
-    torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim=3, hidden_dim=8), (1, 28, 28)).eval()
+    model = tiny_vae(3, 8)
     run_id = client.create_run(client.create_experiment("old")).info.run_id
     mlflow.set_tracking_uri(uri)
     save_vae_dir(model, tmp_path / "vae")

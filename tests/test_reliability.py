@@ -65,22 +65,36 @@ def _vae(cwd: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def _kill_repeatedly(
-    root: Path,
-    args: list[str],
-    delays: tuple[float, ...],
-    out: Path,
-    whole: Callable[[Path], None],
+def _kill_mid_write(
+    root: Path, args: list[str], out: Path, whole: Callable[[Path], None], rounds: int = 3
 ) -> None:
-    """SIGKILL `vae <args>` after each delay; every file then left in ``out`` must be whole."""
-    for delay in delays:
+    """SIGKILL `vae <args>` while it writes an output, proven by its temporary sibling
+    existing at the kill; then every output file left in ``out`` must be whole.
+
+    Round r kills at the (r+1)-th temporary file the run creates, so the rounds hit different
+    files. Temporary siblings (dot files, never read by a stage) are cleared between rounds.
+    """
+    landed = 0
+    for r in range(rounds):
+        for stale in out.glob(".*") if out.exists() else []:
+            stale.unlink()
         proc = _vae(root, *args)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
+        seen: set[str] = set()
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            temps = {p.name for p in out.glob(".*")} if out.exists() else set()
+            seen |= temps
+            if len(seen) > r and temps:
+                proc.send_signal(signal.SIGKILL)
+                landed += 1
+                break
+            time.sleep(0.001)
         proc.wait(timeout=30)
         for path in out.glob("*") if out.exists() else []:
-            if not path.name.startswith("."):  # a temporary sibling is never read by a stage
+            if not path.name.startswith("."):
                 whole(path)
+    print(f"{args}: {landed} of {rounds} kills landed mid-write")
+    assert landed >= 1, f"no SIGKILL landed while `vae {' '.join(args)}` was writing"
 
 
 def _tiny_slow_project(root: Path) -> Path:
@@ -132,13 +146,7 @@ def test_sigkill_during_prepare_leaves_no_partial_file(tmp_path: Path) -> None:
         else:
             json.loads(path.read_text())
 
-    _kill_repeatedly(
-        tmp_path,
-        ["prepare"],
-        (0.5, 1.0, 1.5, 2.0),
-        tmp_path / "data" / "prepared",
-        whole,
-    )
+    _kill_mid_write(tmp_path, ["prepare"], tmp_path / "data" / "prepared", whole)
 
 
 @pytest.mark.parametrize("stage", ["export", "generate"])
@@ -162,7 +170,7 @@ def test_sigkill_during_export_or_generate_leaves_no_partial_file(
                 im.load()
 
     out = tmp_path / ("data/embeddings" if stage == "export" else "reports")
-    _kill_repeatedly(tmp_path, [stage], (1.0, 1.6, 2.2, 2.8), out, whole)
+    _kill_mid_write(tmp_path, [stage], out, whole)
 
 
 def test_unexpected_exception_exits_70_with_its_traceback(
