@@ -229,14 +229,14 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.lineage import experiment_name
     from vae.mlflow_tracker import log_stage
+    from vae.publish import not_registered, publish
 
     out = Path(args.metrics) / "registry.json"
     name = cfg.mlflow.registered_model
     if not cfg.mlflow.enabled:
         reason = "mlflow.enabled is false; nothing registered"
-        atomic_write_json(out, _not_registered(name, reason))
+        atomic_write_json(out, not_registered(name, reason))
         log.info("mlflow.enabled is false: not registering")
         return
     prepared = Path(args.data)
@@ -247,79 +247,11 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
             f"{Path(args.models) / RUN_FILE}: no MLflow run; run `vae train` with "
             "mlflow.enabled: true first"
         )
-    model, _, device = _load_trained(cfg, args)
-    exp = experiment_name()
-    if exp and not cfg.mlflow.register_experiments:
-        decision = _log_only(model, name, tracker.run_id, exp)
-    else:
-        decision = _register(cfg, args, model, tracker.run_id, manifest, device)
+    model, _, _ = _load_trained(cfg, args)
+    decision = publish(cfg, model, tracker.run_id, manifest, Path(args.data), Path(args.metrics))
     atomic_write_json(out, decision)
     logged = {k: decision[k] for k in ("version", "promoted") if decision[k] is not None}
     log_stage(tracker, "register", logged, [out])
-
-
-def _not_registered(name: str, reason: str, **extra: object) -> dict:
-    return {
-        "name": name,
-        "registered": False,
-        "version": None,
-        "promoted": False,
-        "reason": reason,
-        **extra,
-    }
-
-
-def _log_only(model: VAE, name: str, run_id: str, exp: str) -> dict:
-    """An experiment's model: logged into its run, registered only on request."""
-    from vae.packaging import log_model
-
-    model_uri = log_model(model.cpu(), run_id)
-    reason = (
-        f"DVC experiment {exp!r}: experiments register no version unless "
-        "mlflow.register_experiments is true; the model is logged to its run"
-    )
-    log.info("%s; register it with mlflow.register_model(%r, %r)", reason, model_uri, name)
-    return _not_registered(name, reason, run_id=run_id, model_uri=model_uri)
-
-
-def _register(
-    cfg: Config,
-    args: argparse.Namespace,
-    model: VAE,
-    run_id: str,
-    manifest: dict,
-    device: torch.device,
-) -> dict:
-    from vae.atomic import load_json
-    from vae.data import float_images, load_split
-    from vae.evaluate import evaluate
-    from vae.lineage import run_tags
-    from vae.registry import register
-
-    name = cfg.mlflow.registered_model
-    eval_path = Path(args.metrics) / "eval.json"
-    eval_metrics = load_json(eval_path) if eval_path.is_file() else None
-    eval_key = {
-        "dataset_sha256": manifest["dataset_sha256"],
-        "binarize": cfg.data.binarize,
-        "iw_samples": str(cfg.evaluate.iw_samples),
-        "evaluate_seed": str(cfg.evaluate.seed),
-    }
-
-    def reevaluate(champion: VAE) -> float:
-        test = load_split(Path(args.data) / "test.pt", device)
-        x = float_images(test, cfg.data.binarize, cfg.evaluate.seed)
-        return evaluate(champion.to(device), x, cfg.evaluate)["nll_iw"]
-
-    decision = register(model.cpu(), name, run_id, eval_metrics, eval_key, reevaluate, run_tags())
-    log.info(
-        "registered %s v%d; %s: %s",
-        name,
-        decision["version"],
-        "promoted to champion" if decision["promoted"] else "champion unchanged",
-        decision["reason"],
-    )
-    return decision
 
 
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
