@@ -244,6 +244,15 @@ def serving(
         stop_server(proc)
 
 
+def models_serve_args(mlflow_bin: str | Path, model_uri: str, port: int) -> list[str]:
+    """``mlflow models serve`` of ``model_uri`` in the current env, one worker on 127.0.0.1."""
+    return [
+        str(mlflow_bin),
+        *("models", "serve", "-m", model_uri, "--env-manager", "local"),
+        *("-h", "127.0.0.1", "-p", str(port), "-w", "1"),
+    ]
+
+
 def tracking_server_args(port: int, server_dir: Path) -> list[str]:
     server_dir.mkdir(parents=True, exist_ok=True)
     return [

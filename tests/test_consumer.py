@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, post_json, serving, start_server, stop_server, tiny_vae
+from tests.conftest import (
+    REPO,
+    free_port,
+    models_serve_args,
+    post_json,
+    serving,
+    start_server,
+    stop_server,
+    tiny_vae,
+)
 from tests.conftest import tracking_server_args as server_args
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
@@ -130,21 +139,7 @@ def test_models_serve_from_the_consumer_venv(
 ) -> None:
     uri, model = store
     port = free_port()
-    args = [
-        str(consumer_venv / "bin" / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@champion",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        "1",
-    ]
+    args = models_serve_args(consumer_venv / "bin" / "mlflow", f"models:/{NAME}@champion", port)
     env = _venv_env(consumer_venv, uri)
     x = np.random.default_rng(1).random((4, 784), dtype=np.float32)
     with serving(args, f"http://127.0.0.1:{port}/ping", tmp_path, env, consumer_venv / "bin"):

@@ -17,6 +17,7 @@ import yaml
 from tests.conftest import (
     TINY_PARAMS,
     free_port,
+    models_serve_args,
     post_json,
     project_env,
     serving,
@@ -254,22 +255,8 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
     port = free_port()
     # the operator's row limit for the served model
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "VAE_MAX_ROWS": "50"}
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    args = [
-        mlflow_bin,
-        "models",
-        "serve",
-        "-m",
-        f"models:/{NAME}@champion",
-        "--env-manager",
-        "local",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "-w",
-        "1",
-    ]
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    args = models_serve_args(mlflow_bin, f"models:/{NAME}@champion", port)
     latent = TINY_PARAMS["model"]["latent_dim"]
     with serving(args, f"http://127.0.0.1:{port}/ping", root, env):
         rng = np.random.default_rng(1)
