@@ -77,16 +77,17 @@ def test_register_waits_for_the_store_lock(trained: tuple[Path, str]) -> None:
         env = subprocess_env(MLFLOW_TRACKING_URI=uri)
         vae = [sys.executable, "-m", "vae", "-q", "register"]
         proc = subprocess.Popen(vae, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120  # it logs the model first, then waits at the lock
-        while not any((root / "mlruns").glob("**/MLmodel")) and time.time() < deadline:
-            time.sleep(0.2)
-        time.sleep(2)  # time enough to register, were it not waiting
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert proc.stderr is not None
+        # It logs the model first, then says that it waits at the lock.
+        lines = iter(proc.stderr.readline, "")
+        said = next((line for line in lines if "waiting up to" in line), "")
+        assert str(lock) in said, proc.stderr.read()
+        assert proc.poll() is None
         assert _versions(uri) == before, "registered while another process held the lock"
     finally:
         holder.kill()
         holder.wait()
-    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert _versions(uri) == before + 1
 
 

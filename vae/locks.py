@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import tempfile
 import time
@@ -16,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["WRITER_LOCK", "LockTimeout", "file_lock", "registry_lock_path", "workspace_writer"]
+
+log = logging.getLogger(__name__)
 
 # One writer per workspace: the stages that write models/, metrics/ and the registry take it.
 WRITER_LOCK = Path(".vae-writer.lock")
@@ -32,7 +35,7 @@ def file_lock(path: str | Path, timeout: float, what: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        deadline = time.monotonic() + timeout
+        deadline, waiting = time.monotonic() + timeout, False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,6 +47,12 @@ def file_lock(path: str | Path, timeout: float, what: str) -> Iterator[None]:
                     raise LockTimeout(
                         f"{what}: {path} is held by {holder} and {waited}; try again later"
                     ) from None
+                if not waiting and timeout:
+                    waiting = True
+                    holder = Path(path).read_text().strip() or "another process"
+                    log.warning(
+                        "%s: waiting up to %g s for %s (held by %s)", what, timeout, path, holder
+                    )
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())

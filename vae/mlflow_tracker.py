@@ -14,6 +14,7 @@ experiments) logs into the project's store, not the copy's; otherwise it is the 
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ __all__ = [
     "flatten_metrics",
     "log_stage",
     "open_run",
+    "relog_records",
     "start_pipeline_run",
     "tracker_from_run_file",
     "tracking_uri",
@@ -332,3 +334,22 @@ def log_stage(
         tracker.log_artifact(path, stage)
     if stage != "train" and (problem := tracker.report()):
         logging.getLogger("vae").warning("vae %s: %s", stage, problem)
+
+
+def relog_records(
+    tracker: MlflowTracker, metrics: Path, plots: Path, reports: Sequence[Path]
+) -> None:
+    """Send a finished pipeline's local records (``metrics/``, ``plots/train.csv``, report
+    images) into ``tracker``'s run, as the stages would have."""
+    with open(plots / "train.csv") as f:
+        for row in csv.DictReader(f):
+            epoch = int(row.pop("epoch"))
+            tracker.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
+    for stage, name, extra in (
+        ("train", "train.json", [plots / "train.csv"]),
+        ("evaluate", "eval.json", [metrics / "eval.json"]),
+        ("export", "downstream.json", [metrics / "downstream.json"]),
+        ("generate", None, list(reports)),
+    ):
+        if name is None or (metrics / name).is_file():
+            log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)

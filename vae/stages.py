@@ -257,7 +257,7 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
     from vae.atomic import load_json
-    from vae.mlflow_tracker import log_stage, start_pipeline_run
+    from vae.mlflow_tracker import relog_records, start_pipeline_run
 
     if not cfg.mlflow.enabled:
         raise StageError("mlflow.enabled is false; nothing to log")
@@ -266,18 +266,7 @@ def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     device = load_json(metrics / "train.json").get("device", "unknown")
     tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
     assert tracker is not None
-    with open(plots / "train.csv") as f:
-        for row in csv.DictReader(f):
-            epoch = int(row.pop("epoch"))
-            tracker.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
-    for stage, name, extra in (
-        ("train", "train.json", [plots / "train.csv"]),
-        ("evaluate", "eval.json", [metrics / "eval.json"]),
-        ("export", "downstream.json", [metrics / "downstream.json"]),
-        ("generate", None, sorted(reports.glob("*.png"))),
-    ):
-        if name is None or (metrics / name).is_file():
-            log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)
+    relog_records(tracker, metrics, plots, sorted(reports.glob("*.png")))
     tracker.finish()
     if problem := tracker.report():
         raise StageError(problem)
