@@ -51,6 +51,10 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
         ({"schedule": {"timeout_minutes": 0}}, ["schedule.timeout_minutes", "> 0"]),
         ({"mlflow": {"register_experiments": "yes"}}, ["mlflow.register_experiments", "true"]),
         ({"train": 5}, ["train", "mapping"]),
+        ({"train": {"objective": "iwae", "beta": 0.5}}, ["train.objective", "train.beta"]),
+        ({"train": {"objective": "iwae", "free_bits": 0.1}}, ["train.objective", "free_bits"]),
+        ({"train": {"objective": "vimco"}}, ["train.objective", "'elbo', 'iwae'"]),
+        ({"train": {"ema_decay": 1.0}}, ["train.ema_decay", "< 1"]),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, fragments: list[str]) -> None:

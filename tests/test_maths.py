@@ -10,8 +10,13 @@ import torch
 from torch import distributions as D
 
 from vae.config import ModelConfig
-from vae.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood
-from vae.losses import kl_weight, negative_elbo
+from vae.distributions import (
+    BernoulliLikelihood,
+    DiagonalGaussian,
+    GaussianLikelihood,
+    standard_normal_log_prob,
+)
+from vae.losses import iwae_bound, kl_weight, negative_elbo
 from vae.model import VAE
 from vae.train import lr_at
 
@@ -166,3 +171,34 @@ def test_model_shapes_and_generation(overrides: dict) -> None:
     assert not torch.equal(mean, sample)
     again = model.generate(6, torch.Generator().manual_seed(1), mean=False)
     assert torch.equal(sample, again)
+
+
+def _tiny_model_and_batch() -> tuple[VAE, torch.Tensor]:
+    torch.manual_seed(0)
+    model = VAE(ModelConfig(latent_dim=3, hidden_dim=8), (1, 4, 4))
+    x = torch.bernoulli(torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
+    return model, x
+
+
+def test_iwae_with_one_sample_is_the_monte_carlo_elbo_of_that_sample() -> None:
+    model, x = _tiny_model_and_batch()
+    eps = torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(2))
+    terms = iwae_bound(x, model(x, eps=eps))
+    q = model.encode(x)
+    z = q.mean + q.std * eps[0]
+    by_hand = model.decode(z).log_prob(x) + standard_normal_log_prob(z) - q.log_prob(z)
+    torch.testing.assert_close(-terms.loss, by_hand.mean())
+    torch.testing.assert_close(terms.elbo, by_hand.mean())
+
+
+def test_iwae_bound_is_the_log_mean_weight_and_tightens_the_elbo() -> None:
+    model, x = _tiny_model_and_batch()
+    eps = torch.randn(50, 5, 3, generator=torch.Generator().manual_seed(3))
+    out = model(x, eps=eps)
+    terms = iwae_bound(x, out)
+    log_w = torch.stack([iwae_bound(x, model(x, eps=e[None])).loss.neg() for e in eps])
+    # per-sample means: the k=1 bounds average to the Monte Carlo ELBO of the same 50 samples
+    torch.testing.assert_close(log_w.mean(), terms.elbo)
+    assert -terms.loss > terms.elbo  # log mean w >= mean log w (Jensen), strictly here
+    with pytest.raises(ValueError, match="K, B, D"):
+        iwae_bound(x, model(x, eps=eps[0]))

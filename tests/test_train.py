@@ -79,9 +79,18 @@ def _kill_after(epoch: int):
     return on_epoch_end
 
 
-@pytest.mark.parametrize("lr_decay", [0.0, 0.5])
-def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, lr_decay: float) -> None:
-    splits, cfg = _splits(prepared), _cfg(epochs=3, lr_decay=lr_decay)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"lr_decay": 0.0},
+        {"lr_decay": 0.5},
+        {"lr_decay": 0.5, "objective": "iwae", "iw_k": 3, "ema_decay": 0.9},
+    ],
+    ids=["constant", "decay", "iwae-ema"],
+)
+def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, extra: dict) -> None:
+    splits, cfg = _splits(prepared), _cfg(epochs=3, **extra)
+    lr_decay = cfg.train.lr_decay
     full = train(cfg, *splits, out_dir=tmp_path / "full")
     with pytest.raises(_Killed):
         train(cfg, *splits, out_dir=tmp_path / "cut", on_epoch_end=_kill_after(1))
@@ -142,7 +151,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
     splits = _splits(prepared)
     train(_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=Path("models"))
     good = load_checkpoint("models/checkpoint.pt")
-    real = vae.train.negative_elbo
+    real = vae.train.objective_terms
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs) -> LossTerms:
@@ -152,7 +161,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
             return terms._replace(loss=terms.loss * float("nan"))
         return terms
 
-    monkeypatch.setattr(vae.train, "negative_elbo", poisoned)
+    monkeypatch.setattr(vae.train, "objective_terms", poisoned)
     step0 = good["step"]
     with pytest.raises(NonFiniteLossError, match=rf"at step {step0 + 2} \(epoch 2\)"):
         train(_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=Path("models"))
@@ -219,3 +228,35 @@ def test_the_code_fingerprint_ignores_comments_and_docstrings() -> None:
     assert edited != source and behaviour(edited) == behaviour(source)
     changed = source.replace("return lr * 0.5 *", "return lr * 0.25 *", 1)
     assert changed != source and behaviour(changed) != behaviour(source)
+
+
+def test_iwae_objective_trains_on_the_tighter_bound(prepared: Path, tmp_path: Path) -> None:
+    splits = _splits(prepared)
+    result = train(_cfg(epochs=2, objective="iwae", iw_k=4), *splits, out_dir=tmp_path)
+    for row in result.history:
+        # -L_K <= the Monte Carlo -ELBO of the same samples (Jensen), on train and validation
+        assert row["train_loss"] <= -row["train_elbo"] and row["val_loss"] <= row["val_nelbo"]
+    assert result.metrics["best_val_loss"] == min(r["val_loss"] for r in result.history)
+
+
+def test_ema_weights_are_the_ones_kept(prepared: Path, tmp_path: Path) -> None:
+    """With an EMA, validation, the best epoch and model.pt all use the averaged weights."""
+    splits = _splits(prepared)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Spy(vae.train.EMA):
+        def update(self, model: torch.nn.Module, step: int) -> None:
+            super().update(model, step)
+            seen.append({k: v.clone() for k, v in self.model.state_dict().items()})
+
+    vae.train.EMA, real = Spy, vae.train.EMA
+    try:
+        result = train(_cfg(epochs=2, ema_decay=0.99, lr_decay=0.0), *splits, out_dir=tmp_path)
+    finally:
+        vae.train.EMA = real
+    best = result.history[result.metrics["best_epoch"] - 1]["step"]
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
+    for name, tensor in seen[best - 1].items():
+        assert torch.equal(saved[name], tensor), name
+    raw = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
+    assert any(not torch.equal(raw[k], saved[k]) for k in saved), "EMA equals the raw weights"

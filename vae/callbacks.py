@@ -54,10 +54,11 @@ class CheckpointWriter(Callback):
             epoch=run.epoch,
             step=run.step,
             history=run.history,
-            best_val_loss=run.best_nelbo,  # the key checkpoints have always used
+            best_val_loss=run.best_loss,  # the key checkpoints have always used
             best_epoch=run.best_epoch,
             best_model=run.best_state,
             rng={"shuffle": run.shuffle_gen.get_state(), "noise": run.noise_gen.get_state().cpu()},
+            ema=None if run.ema is None else run.ema.model.state_dict(),
         )
 
 

@@ -88,6 +88,11 @@ class TrainConfig:
     # Free bits: each latent dimension's batch-mean KL is floored at this many nats (0 = off).
     free_bits: float = field(default=0.0, metadata=_range(ge=0.0))
     grad_clip: float = field(default=0.0, metadata=_range(ge=0.0))
+    # elbo: minimise -ELBO; iwae: minimise -L_K, the importance-weighted bound with K = iw_k.
+    objective: Literal["elbo", "iwae"] = "elbo"
+    iw_k: int = field(default=5, metadata=_range(ge=1, le=10000))
+    # An exponential moving average of the weights (0 = off), validated, kept and registered.
+    ema_decay: float = field(default=0.0, metadata=_range(ge=0.0, lt=1.0))
     seed: int = field(default=0, metadata=_range(ge=0))
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"

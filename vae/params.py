@@ -157,6 +157,12 @@ def _cross_checks(cfg: Config) -> None:
             "binarized pixels are discrete, so use model.likelihood: 'bernoulli' or "
             "data.binarize: 'none'"
         )
+    tc = cfg.train
+    if tc.objective == "iwae" and (tc.beta != 1.0 or tc.kl_warmup_steps or tc.free_bits):
+        raise ConfigError(
+            "train.objective: 'iwae' weights no KL term, so it takes no train.beta, "
+            "train.kl_warmup_steps or train.free_bits; set them to 1.0, 0 and 0.0"
+        )
     for key in ("experiment", "registered_model"):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):
             raise ConfigError(

@@ -27,8 +27,10 @@ from vae.checkpoint import load_checkpoint, run_identity, save_model, why_not_re
 from vae.config import Config, ConfigError
 from vae.data import Split, batch_to_float, float_images
 from vae.distributed import rank_and_world
-from vae.losses import LossTerms, kl_weight, negative_elbo
+from vae.ema import EMA
+from vae.losses import LossTerms, kl_weight, objective_terms
 from vae.model import VAE, eval_mode
+from vae.numerics import autocast_for, flush_denormals
 from vae.tracking import Tracker
 
 __all__ = ["NonFiniteLossError", "Run", "TrainResult", "lr_at", "train"]
@@ -63,11 +65,12 @@ def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * min(into / tail, 1.0)))
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def draw_eps(
+    shape: tuple[int, int], objective: str, k: int, gen: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The reparameterisation noise of a batch: (B, D), or (K, B, D) for the iwae objective."""
+    full = (k, *shape) if objective == "iwae" else shape
+    return torch.randn(full, generator=gen, device=device)
 
 
 @torch.no_grad()
@@ -77,35 +80,23 @@ def evaluate_elbo(
     seed: int,
     batch_size: int = 1000,
     autocast: contextlib.AbstractContextManager[Any] | None = None,
+    objective: str = "elbo",
+    k: int = 1,
 ) -> LossTerms:
-    """Mean single-sample ELBO terms over pre-binarized float images, with a fixed seed."""
+    """Mean terms of ``objective`` over pre-binarized float images, with a fixed seed.
+
+    For the ELBO, ``loss`` is the single-sample -ELBO; for iwae, -L_K with K = ``k``.
+    """
     with eval_mode(model):
         gen = torch.Generator(device=x_all.device).manual_seed(seed)
         sums = torch.zeros(4, device=x_all.device)
         for i in range(0, x_all.shape[0], batch_size):
             x = x_all[i : i + batch_size]
+            eps = draw_eps((x.shape[0], model.latent_dim), objective, k, gen, x.device)
             with autocast or contextlib.nullcontext():
-                terms = negative_elbo(x, model(x, gen))
+                terms = objective_terms(x, model(x, eps=eps), objective)
             sums += torch.stack(terms).detach().float() * x.shape[0]
     return LossTerms(*(sums / x_all.shape[0]))
-
-
-@contextlib.contextmanager
-def _flush_denormals(device: torch.device) -> Any:
-    """Treat subnormal floats as zero on the CPU while training, then restore the default.
-
-    Adam's first-moment estimate of a weight whose gradient is exactly zero (every weight into
-    a ReLU unit that has stopped firing) decays geometrically into the subnormal range within a
-    few hundred steps, and x86 arithmetic on subnormals is many times slower: with
-    ``model.activation: relu`` (41% of the moments subnormal after 4 epochs at batch 256),
-    later epochs were up to 30% slower. The values lost are below 1.2e-38.
-    """
-    enabled = device.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if enabled:
-            torch.set_flush_denormal(False)
 
 
 @dataclass
@@ -126,9 +117,15 @@ class Run:
     epoch: int = 0  # completed epochs
     step: int = 0  # completed optimiser steps
     history: list[dict[str, float]] = field(default_factory=list)
-    best_nelbo: float = math.inf  # the best validation -ELBO so far, of epoch best_epoch
+    best_loss: float = math.inf  # the best validation objective so far, of epoch best_epoch
     best_epoch: int = -1
     best_state: dict[str, torch.Tensor] | None = None
+    ema: EMA | None = None  # the averaged weights, when train.ema_decay > 0
+
+    @property
+    def evaluated(self) -> VAE:
+        """The weights that are validated, kept and registered: the EMA's, when there is one."""
+        return self.model if self.ema is None else self.ema.model
 
     @property
     def n_batches(self) -> int:
@@ -154,7 +151,7 @@ def train(
     """
     from vae.callbacks import standard_callbacks
 
-    with _flush_denormals(train_split.images.device):
+    with flush_denormals(train_split.images.device):
         run = _setup(cfg, train_split, val_split)
         identity = run_identity(cfg, dataset_sha256)  # once: it hashes the training code
         ckpt_path = out_dir / "checkpoint.pt"
@@ -200,8 +197,10 @@ def _setup(cfg: Config, train_split: Split, val_split: Split) -> Run:
         # Not under DDP, whose gradient hooks run between the graph's pieces.
         mode = "reduce-overhead" if device.type == "cuda" and world == 1 else None
         net = torch.compile(net, mode=mode)
-    autocast = _autocast(device, tc.precision)
-    return Run(cfg, model, net, opt, shuffle_gen, noise_gen, x_val, autocast, n, rank, world)
+    autocast = autocast_for(device, tc.precision)
+    run = Run(cfg, model, net, opt, shuffle_gen, noise_gen, x_val, autocast, n, rank, world)
+    run.ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    return run
 
 
 def _resume(run: Run, ckpt_path: Path, identity: dict[str, Any]) -> int:
@@ -218,8 +217,10 @@ def _resume(run: Run, ckpt_path: Path, identity: dict[str, Any]) -> int:
     run.noise_gen.set_state(ckpt["rng"]["noise"].to(run.noise_gen.get_state().device))
     run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
     # "best_val_loss" on disk: the name checkpoints have always used for the best -ELBO
-    run.best_nelbo, run.best_epoch = ckpt["best_val_loss"], ckpt["best_epoch"]
+    run.best_loss, run.best_epoch = ckpt["best_val_loss"], ckpt["best_epoch"]
     run.best_state = ckpt["best_model"]
+    if run.ema is not None:
+        run.ema.model.load_state_dict(ckpt["ema"])
     log.info("resuming from %s at epoch %d (step %d)", ckpt_path, run.epoch, run.step)
     return run.epoch
 
@@ -243,12 +244,12 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
         u = None
         if cfg.data.binarize == "dynamic":
             u = torch.rand(shape, generator=run.noise_gen, device=device)[shard]
-        eps = torch.randn(
-            (idx.shape[0], cfg.model.latent_dim), generator=run.noise_gen, device=device
+        eps = draw_eps(
+            (idx.shape[0], cfg.model.latent_dim), tc.objective, tc.iw_k, run.noise_gen, device
         )
         idx = idx[shard]
         x = batch_to_float(split.images[idx], cfg.data.binarize, uniform=u)
-        stacked = _step(run, x, eps[shard], total_steps)
+        stacked = _step(run, x, eps[..., shard, :], total_steps)
         first_bad = torch.where(
             ~torch.isfinite(stacked).all() & (first_bad < 0), run.step, first_bad
         )
@@ -267,13 +268,22 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
             f"kept the last good checkpoint {ckpt_path} (epoch {run.epoch}). "
             "Lower train.lr, set train.grad_clip, or check the data"
         )
-    val = evaluate_elbo(run.model, run.x_val, tc.seed + 3, autocast=run.autocast)
+    val = evaluate_elbo(
+        run.evaluated,
+        run.x_val,
+        tc.seed + 3,
+        autocast=run.autocast,
+        objective=tc.objective,
+        k=tc.iw_k,
+    )
     run.epoch += 1
     row = _epoch_row(run, (sums / run.n).tolist(), val, time.perf_counter() - t0)
     run.history.append(row)
-    if row["val_nelbo"] < run.best_nelbo:
-        run.best_nelbo, run.best_epoch = row["val_nelbo"], run.epoch
-        run.best_state = {k: v.detach().cpu().clone() for k, v in run.model.state_dict().items()}
+    # The best epoch is the one with the best validation objective: -ELBO, or -L_K for iwae.
+    if row["val_loss"] < run.best_loss:
+        run.best_loss, run.best_epoch = row["val_loss"], run.epoch
+        state = run.evaluated.state_dict()
+        run.best_state = {k: v.detach().cpu().clone() for k, v in state.items()}
     return row
 
 
@@ -285,12 +295,14 @@ def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> tor
         for group in run.opt.param_groups:
             group["lr"] = lr_at(run.step, total_steps, tc.lr, tc.lr_decay)
     with run.autocast:
-        terms = negative_elbo(x, run.net(x, eps=eps), w, tc.free_bits)
+        terms = objective_terms(x, run.net(x, eps=eps), tc.objective, w, tc.free_bits)
     run.opt.zero_grad(set_to_none=True)
     terms.loss.backward()
     if tc.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
     run.opt.step()
+    if run.ema is not None:
+        run.ema.update(run.model, run.step)
     return torch.stack(terms).detach().float()
 
 
@@ -314,8 +326,9 @@ def _finish(run: Run, out_dir: Path, dataset_sha256: str, resumed_from: int) -> 
     model, history = run.model, run.history
     model.load_state_dict(run.best_state)
     model.eval()
+    best_nelbo = history[run.best_epoch - 1]["val_nelbo"]
     if run.rank == 0:
-        summary = {"epoch": run.best_epoch, "val_nelbo": run.best_nelbo}
+        summary = {"epoch": run.best_epoch, "val_nelbo": best_nelbo}
         save_model(
             out_dir / "model.pt", model, run.cfg.data, {**summary, "dataset_sha256": dataset_sha256}
         )
@@ -324,7 +337,8 @@ def _finish(run: Run, out_dir: Path, dataset_sha256: str, resumed_from: int) -> 
     per_epoch = sum(timed) / len(timed)
     metrics = {
         "best_epoch": run.best_epoch,
-        "best_val_nelbo": run.best_nelbo,
+        "best_val_nelbo": best_nelbo,
+        "best_val_loss": run.best_loss,  # the objective: -ELBO, or -L_K for iwae
         "final_train_nelbo": -last["train_elbo"],
         "final_val_nelbo": last["val_nelbo"],
         "final_val_recon": last["val_recon"],
