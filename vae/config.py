@@ -124,6 +124,10 @@ class GenerateConfig:
     n_reconstructions: int = field(default=16, metadata=_range(ge=1, le=10000))
     n_interpolations: int = field(default=8, metadata=_range(ge=1, le=1000))
     interpolation_steps: int = field(default=10, metadata=_range(ge=2, le=1000))
+    # Where new images start: the prior N(0, I), or a Gaussian mixture of gmm_components fitted
+    # to the training set's posterior means (the registered model samples the same one).
+    sampler: Literal["prior", "gmm"] = "gmm"
+    gmm_components: int = field(default=10, metadata=_range(ge=1, le=1000))
     seed: int = field(default=0, metadata=_range(ge=0))
 
 

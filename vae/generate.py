@@ -18,8 +18,16 @@ from vae.atomic import atomic_write_with
 from vae.config import GenerateConfig
 from vae.data import Split, float_images
 from vae.model import VAE, embed, eval_mode
+from vae.sampler import GaussianMixture, fit_gmm
 
-__all__ = ["generate", "interleave_rows", "interpolate", "latent_coords", "pca_2d"]
+__all__ = [
+    "fit_latent_sampler",
+    "generate",
+    "interleave_rows",
+    "interpolate",
+    "latent_coords",
+    "pca_2d",
+]
 
 NAMES = ("samples", "samples_stochastic", "reconstructions", "interpolations", "latent_2d")
 
@@ -144,7 +152,8 @@ def generate(
 ) -> dict[str, str]:
     """Write the five PNGs to ``out_dir`` and return ``{name: path}``.
 
-    - ``samples``: decoder means of ``cfg.n_samples`` prior draws z ~ N(0, I);
+    - ``samples``: decoder means of ``cfg.n_samples`` draws of z from ``model.latent_sampler``
+      (the prior N(0, I) when it is None);
     - ``samples_stochastic``: the same z, but x ~ p(x|z) drawn from the decoder;
     - ``reconstructions``: rows of test images, each followed by a row of their
       reconstructions (decoder mean at the posterior mean);
@@ -160,7 +169,7 @@ def generate(
     with eval_mode(model):
         paths = {name: out_dir / f"{name}.png" for name in NAMES}
 
-        # Prior samples: the same z twice (generators seeded alike), mean and then a draw.
+        # Samples: the same z twice (generators seeded alike), mean and then a draw.
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         _write_grid(paths["samples"], model.generate(cfg.n_samples, gen, mean=True), cfg.nrow)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -187,6 +196,18 @@ def generate(
         coords, axes = latent_coords(mu)
         _write_scatter(paths["latent_2d"], coords, test.labels, axes, class_names)
     return {name: str(p) for name, p in paths.items()}
+
+
+def fit_latent_sampler(
+    model: VAE, train: Split, binarize: str, cfg: GenerateConfig, seed: int, batch_size: int = 1000
+) -> GaussianMixture:
+    """The mixture of ``cfg.gmm_components`` Gaussians fitted to the training posterior means.
+
+    The training images are ``float_images(train, binarize, seed)``: for dynamic binarization,
+    one fixed draw.
+    """
+    mu, _ = embed(model, float_images(train, binarize, seed), batch_size)  # (N, D) on the CPU
+    return fit_gmm(mu, cfg.gmm_components, cfg.seed)
 
 
 def _choose(n: int, k: int, gen: torch.Generator) -> torch.Tensor:

@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from vae.config import ModelConfig
 from vae.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood, Likelihood
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
+
+if TYPE_CHECKING:
+    from vae.sampler import GaussianMixture
 
 
 @dataclass
@@ -140,6 +144,9 @@ class VAE(nn.Module):
         if cfg.likelihood == "gaussian":
             shape = self.image_shape if cfg.gaussian_variance == "per_pixel" else (1, 1, 1)
             self.decoder_logvar = nn.Parameter(torch.zeros(shape))
+        # Where generate() draws z: None is the prior N(0, I); a mixture fitted to the training
+        # codes after training (vae.sampler) is not a weight, so it is not in the state dict.
+        self.latent_sampler: GaussianMixture | None = None
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, C, H, W) in [0, 1] -> q(z|x)."""
@@ -170,11 +177,16 @@ class VAE(nn.Module):
     def generate(
         self, n: int, generator: torch.Generator | None = None, mean: bool = True
     ) -> torch.Tensor:
-        """Decode n draws z ~ N(0, I); return the decoder's mean, or a sample from it."""
-        device = next(self.parameters()).device
-        z = torch.randn((n, self.latent_dim), generator=generator, device=device)
-        px = self.decode(z)
+        """Decode n draws of z (:meth:`sample_latents`); the decoder's mean, or a sample of it."""
+        px = self.decode(self.sample_latents(n, generator))
         return px.mean if mean else px.sample(generator)
+
+    def sample_latents(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, D) draws from ``latent_sampler``, or from the prior N(0, I) when it is None."""
+        device = next(self.parameters()).device
+        if self.latent_sampler is not None:
+            return self.latent_sampler.sample(n, generator).to(device)
+        return torch.randn((n, self.latent_dim), generator=generator, device=device)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,14 @@ __all__ = [
 ]
 
 # What vae.pyfunc imports, transitively; tests/test_consumer.py proves the list is enough.
-INFERENCE_MODULES = ("__init__.py", "config.py", "distributions.py", "model.py", "pyfunc.py")
+INFERENCE_MODULES = (
+    "__init__.py",
+    "config.py",
+    "distributions.py",
+    "model.py",
+    "pyfunc.py",
+    "sampler.py",
+)
 
 
 def ship_code(dest: Path) -> Path:

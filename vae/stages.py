@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from vae.mlflow_tracker import MlflowTracker
     from vae.model import VAE
+    from vae.sampler import GaussianMixture
     from vae.train import TrainResult
 
 log = logging.getLogger("vae")
@@ -152,6 +153,16 @@ def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, tor
     return model, meta, device
 
 
+def _chosen_sampler(models: Path) -> GaussianMixture | None:
+    """The mixture ``vae generate`` fitted, if ``generate.sampler`` chose it; else the prior."""
+    from vae.sampler import SAMPLER_FILE, load_sampler
+
+    if not (models / SAMPLER_FILE).is_file():
+        raise StageError(f"{models / SAMPLER_FILE}: missing; run `vae generate` first")
+    kind, gmm = load_sampler(models / SAMPLER_FILE)
+    return gmm if kind == "gmm" else None
+
+
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data import float_images, load_split
@@ -207,14 +218,22 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.atomic import atomic_write_with
     from vae.data import load_split
-    from vae.generate import generate
+    from vae.generate import fit_latent_sampler, generate
     from vae.mlflow_tracker import log_stage
+    from vae.sampler import SAMPLER_FILE, save_sampler
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
     tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
+    gmm = fit_latent_sampler(
+        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate, cfg.export.seed
+    )
+    sampler = Path(args.models) / SAMPLER_FILE
+    atomic_write_with(sampler, lambda tmp: save_sampler(tmp, cfg.generate.sampler, gmm))
+    model.latent_sampler = gmm if cfg.generate.sampler == "gmm" else None
     paths = generate(
         model,
         load_split(prepared / "test.pt", device),
@@ -223,7 +242,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
         Path(args.out),
         class_names=manifest.get("classes"),
     )
-    log_stage(tracker, "generate", {}, [Path(p) for p in paths.values()])
+    log_stage(tracker, "generate", {}, [*(Path(p) for p in paths.values()), sampler])
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
@@ -248,6 +267,7 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
             "mlflow.enabled: true first"
         )
     model, _, _ = _load_trained(cfg, args)
+    model.latent_sampler = _chosen_sampler(Path(args.models))
     decision = publish(cfg, model, tracker.run_id, manifest, Path(args.data), Path(args.metrics))
     atomic_write_json(out, decision)
     logged = {k: decision[k] for k in ("version", "promoted") if decision[k] is not None}
