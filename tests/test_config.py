@@ -55,6 +55,9 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
         ({"train": {"objective": "iwae", "free_bits": 0.1}}, ["train.objective", "free_bits"]),
         ({"train": {"objective": "vimco"}}, ["train.objective", "'elbo', 'iwae'"]),
         ({"train": {"ema_decay": 1.0}}, ["train.ema_decay", "< 1"]),
+        ({"model": {"prior": "vamp"}, "train": {"free_bits": 0.5}}, ["model.prior", "free_bits"]),
+        ({"model": {"prior": "flow"}}, ["model.prior", "'standard', 'vamp'"]),
+        ({"model": {"hidden_layers": 0}}, ["model.hidden_layers", ">= 1"]),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, fragments: list[str]) -> None:

@@ -55,9 +55,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: Literal["mlp", "conv"] = "mlp"
+    # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs.
+    arch: Literal["mlp", "gated_mlp", "conv"] = "mlp"
     latent_dim: int = field(default=32, metadata=_range(ge=1, le=4096))
     hidden_dim: int = field(default=400, metadata=_range(ge=1, le=65536))
+    hidden_layers: int = field(default=1, metadata=_range(ge=1, le=16))  # mlp and gated_mlp
     conv_channels: int = field(default=32, metadata=_range(ge=1, le=1024))
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     # Gaussian decoder only: one learned log-variance per pixel, or one shared by all pixels.
@@ -66,6 +68,10 @@ class ModelConfig:
     # most encoder units stop firing for every image within a few epochs (47% after 4 epochs of
     # the classic recipe, 81% at batch 256 and lr 3e-3), and a dead unit never learns again.
     activation: Literal["relu", "leaky_relu", "silu"] = "leaky_relu"
+    # p(z): standard is N(0, I); vamp is the VampPrior, a mixture of the posteriors of
+    # `pseudo_inputs` learned images (its KL is estimated by Monte Carlo).
+    prior: Literal["standard", "vamp"] = "standard"
+    pseudo_inputs: int = field(default=500, metadata=_range(ge=1, le=100000))
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> ModelConfig:

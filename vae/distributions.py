@@ -12,7 +12,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BernoulliLikelihood", "DiagonalGaussian", "GaussianLikelihood", "Likelihood"]
+__all__ = [
+    "BernoulliLikelihood",
+    "DiagonalGaussian",
+    "GaussianLikelihood",
+    "Likelihood",
+    "Prior",
+    "StandardNormal",
+    "VampPrior",
+]
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -58,6 +66,61 @@ class DiagonalGaussian:
 def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I), summed over the last dimension."""
     return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
+
+
+class StandardNormal:
+    """The prior N(0, I) over (D,) latent vectors; its KL to a diagonal Gaussian is closed-form."""
+
+    closed_form_kl = True
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return standard_normal_log_prob(z)
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        return torch.randn((n, self.dim), generator=generator, device=device)
+
+
+class VampPrior:
+    """p(z) = (1/K) sum_k q(z|u_k): the posteriors of K learned pseudo-inputs u_k (Tomczak &
+    Welling 2018, "VAE with a VampPrior"). A mixture has no closed-form KL to q(z|x), so the
+    ELBO's KL term is estimated by Monte Carlo: log q(z|x) - log p(z) at the sampled z.
+    """
+
+    closed_form_kl = False
+
+    def __init__(self, components: DiagonalGaussian) -> None:
+        self.components = components  # batch (K, D)
+
+    @property
+    def dim(self) -> int:
+        return self.components.mean.shape[-1]
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) for z (..., D), returns (...). The quadratic form is expanded into matrix
+        products, so no (..., K, D) tensor is built: K = 500 components of 500 x 100 samples
+        would need gigabytes."""
+        mean, logvar = (t.to(z.dtype) for t in (self.components.mean, self.components.logvar))
+        inv = torch.exp(-logvar)  # (K, D)
+        quad = z.pow(2) @ inv.T - 2.0 * (z @ (mean * inv).T) + (mean.pow(2) * inv).sum(-1)
+        log_n = -0.5 * (self.dim * LOG_2PI + logvar.sum(-1) + quad)  # (..., K)
+        return torch.logsumexp(log_n, -1) - math.log(mean.shape[0])
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """(n, D): a pseudo-input uniformly at random, then z from its posterior."""
+        k = self.components.mean.shape[0]
+        pick = torch.randint(k, (n,), generator=generator, device=device)
+        eps = torch.randn((n, self.dim), generator=generator, device=device)
+        return self.components.mean[pick] + self.components.std[pick] * eps
+
+
+Prior = StandardNormal | VampPrior
 
 
 class BernoulliLikelihood:

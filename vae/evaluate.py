@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from vae.config import EvaluateConfig
-from vae.distributions import DiagonalGaussian, Likelihood, standard_normal_log_prob
+from vae.distributions import DiagonalGaussian, Likelihood, Prior
 from vae.model import VAE, eval_mode
 
 __all__ = ["LatentVariableModel", "active_units", "evaluate", "iwae_log_likelihood"]
@@ -43,6 +43,8 @@ class LatentVariableModel(Protocol):
 
     def decode(self, z: torch.Tensor) -> Likelihood: ...
 
+    def prior(self) -> Prior: ...
+
 
 def _log_weights(
     model: LatentVariableModel,
@@ -51,13 +53,18 @@ def _log_weights(
     k: int,
     generator: torch.Generator | None,
     chunk: int,
-) -> torch.Tensor:
-    """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x), z_k ~ q: x (B, ...) -> (K, B) float64."""
+    prior: Prior | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z_k) and log p(z_k) - log q(z_k|x) for z_k ~ q: x (B, ...) -> 2 x (K, B) float64.
+
+    Their sum is log w_k. ``prior`` is ``model.prior()`` unless given.
+    """
+    prior = model.prior() if prior is None else prior
     z = q.sample(generator, n=k)  # (K, B, D), one draw: independent of ``chunk``
     step = max(1, chunk // x.shape[0])  # samples per decoder call: step * B <= max(chunk, B) rows
     ll = torch.cat([model.decode(z[i : i + step]).log_prob(x) for i in range(0, k, step)])
     z = z.double()  # the prior and posterior terms nearly cancel: keep their digits
-    return ll.double() + standard_normal_log_prob(z) - q.log_prob(z)  # (K, B)
+    return ll.double(), prior.log_prob(z) - q.log_prob(z)  # (K, B) each
 
 
 @torch.no_grad()
@@ -77,8 +84,8 @@ def iwae_log_likelihood(
     """
     if k < 1:
         raise ValueError(f"k: expected at least 1 importance sample, got {k}")
-    log_w = _log_weights(model, x, model.encode(x), k, generator, chunk)  # (K, N)
-    return torch.logsumexp(log_w, 0) - math.log(k)
+    ll, log_ratio = _log_weights(model, x, model.encode(x), k, generator, chunk)  # (K, N)
+    return torch.logsumexp(ll + log_ratio, 0) - math.log(k)
 
 
 @torch.no_grad()
@@ -106,34 +113,39 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
     the N images:
 
     - ``elbo``: mean of log w_k over the K = ``iw_samples`` importance samples; ``kl`` is
-      KL(q(z|x) || N(0, I)) in closed form and ``recon`` = -elbo - kl, i.e. E_q[-log p(x|z)].
+      KL(q(z|x) || N(0, I)) in closed form (for the VampPrior, the K-sample Monte Carlo estimate
+      of KL(q || p); ``kl_estimator`` says which) and ``recon`` = -elbo - kl, E_q[-log p(x|z)].
     - ``nll_iw``: -L_K, the importance-weighted estimate of -log p(x) from the same samples;
       ``elbo_gap`` = -elbo - nll_iw >= 0.
     - ``bits_per_dim``: nll_iw / (D ln 2), D = C*H*W pixel values. For a Gaussian decoder, whose
       density is over continuous [0, 1], the 8-bit discretisation term D ln 256 is added first:
       (nll_iw + D ln 256) / (D ln 2), the cost of coding 256-level pixels in bins of width 1/256.
     - ``active_units`` (count, ``active_unit_threshold``) and ``kl_per_dim`` (D_latent floats,
-      closed-form KL per latent unit; they sum to ``kl``).
+      closed-form KL per latent unit; they sum to ``kl``; null for the VampPrior).
     - ``n_images``, ``iw_samples``, ``seconds`` (wall time) and ``images_x_samples_per_second``.
     """
     with eval_mode(model):
         t0 = time.perf_counter()
         gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed)
         n, k = x_all.shape[0], cfg.iw_samples
-        sums = torch.zeros(2, dtype=torch.float64, device=x_all.device)  # sum log p(x), sum elbo
+        # sums of log p(x), the ELBO and the Monte Carlo KL, over the images
+        sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
         kl_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=x_all.device)
+        prior = model.prior()
         for i in range(0, n, cfg.batch_size):
             x = x_all[i : i + cfg.batch_size]
             q = model.encode(x)
-            log_w = _log_weights(model, x, q, k, gen, DECODE_ROWS)  # (K, B)
+            ll, log_ratio = _log_weights(model, x, q, k, gen, DECODE_ROWS, prior)  # (K, B)
+            log_w = ll + log_ratio
             log_px = torch.logsumexp(log_w, 0) - math.log(k)  # (B,)
-            sums += torch.stack([log_px.sum(), log_w.mean(0).sum()])
+            sums += torch.stack([log_px.sum(), log_w.mean(0).sum(), -log_ratio.mean(0).sum()])
             kl_dim += q.kl_per_dim().double().sum(0)
         n_active, _ = active_units(model, x_all, cfg.batch_size, cfg.active_unit_threshold)
 
-    log_px, elbo = (sums / n).tolist()  # the one sync
-    kl_per_dim = (kl_dim / n).tolist()
-    kl = math.fsum(kl_per_dim)
+    log_px, elbo, kl_mc = (sums / n).tolist()  # the one sync
+    closed = prior.closed_form_kl
+    kl_per_dim = (kl_dim / n).tolist() if closed else None  # a mixture prior has no per-unit KL
+    kl = math.fsum(kl_per_dim) if kl_per_dim is not None else kl_mc
     nll = -log_px
     d = math.prod(x_all.shape[1:])
     nll_bits = nll + d * math.log(256.0) if model.cfg.likelihood == "gaussian" else nll
@@ -142,6 +154,7 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
         "elbo": elbo,
         "recon": -elbo - kl,
         "kl": kl,
+        "kl_estimator": "closed_form" if closed else f"monte_carlo_{k}_samples",
         "nll_iw": nll,
         "iw_samples": k,
         # >= 0 per image by Jensen; max() only absorbs float rounding when K = 1 (gap exactly 0).

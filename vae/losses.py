@@ -7,8 +7,10 @@ over the batch**. Every value is therefore in nats per image.
     elbo = -(recon + KL)                     (the true bound, never weighted or floored)
 
 where recon = E_q[-log p(x|z)] (a one-sample estimate), KL = KL(q(z|x) || N(0, I)) in closed
-form, and KL_fb is KL with free bits (Kingma et al. 2016): each latent dimension's batch-mean KL
-is floored at ``free_bits`` nats, so the optimiser gains nothing by pushing a unit below it.
+form (for the VampPrior, which has none, the one-sample estimate log q(z|x) - log p(z) at the
+decoded z), and KL_fb is KL with free bits (Kingma et al. 2016): each latent dimension's
+batch-mean KL is floored at ``free_bits`` nats, so the optimiser gains nothing by pushing a
+unit below it.
 
 ``train.objective: iwae`` minimises instead -L_K, the importance-weighted bound of Burda et al.
 (2016) with K = ``train.iw_k`` samples per image: L_K = log (1/K) sum_k w_k, with
@@ -23,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 
-from vae.distributions import standard_normal_log_prob
 from vae.model import VAEOutput
 
 __all__ = ["LossTerms", "iwae_bound", "kl_weight", "negative_elbo", "objective_terms"]
@@ -40,6 +41,9 @@ def negative_elbo(
     x: torch.Tensor, out: VAEOutput, kl_weight: float = 1.0, free_bits: float = 0.0
 ) -> LossTerms:
     recon = -out.likelihood.log_prob(x).mean()  # (B,) -> ()
+    if not out.prior.closed_form_kl:  # one-sample Monte Carlo KL at the z that was decoded
+        kl = (out.posterior.log_prob(out.z) - out.prior.log_prob(out.z)).mean()
+        return LossTerms(recon + kl_weight * kl, -(recon + kl), recon, kl)
     kl_bd = out.posterior.kl_per_dim()  # (B, D)
     kl = kl_bd.sum(-1).mean()
     kl_term = kl_bd.mean(0).clamp(min=free_bits).sum() if free_bits > 0 else kl
@@ -50,15 +54,16 @@ def iwae_bound(x: torch.Tensor, out: VAEOutput) -> LossTerms:
     """-L_K for ``out = model(x, eps=eps)`` with eps of shape (K, B, D): K samples per image.
 
     ``loss`` is -L_K; ``elbo`` is the mean of log w_k (the K-sample Monte Carlo ELBO), ``recon``
-    the mean of -log p(x|z_k), and ``kl`` the closed-form KL, so the rows stay comparable with
+    the mean of -log p(x|z_k), and ``kl`` the KL, so the rows stay comparable with
     those of the ELBO objective.
     """
     if out.z.dim() != 3:
         raise ValueError(f"iwae_bound needs z of shape (K, B, D), got {tuple(out.z.shape)}")
     log_px_z = out.likelihood.log_prob(x)  # (K, B)
-    log_w = log_px_z + standard_normal_log_prob(out.z) - out.posterior.log_prob(out.z)  # (K, B)
+    log_w = log_px_z + out.prior.log_prob(out.z) - out.posterior.log_prob(out.z)  # (K, B)
     bound = (torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])).mean()
-    return LossTerms(-bound, log_w.mean(), -log_px_z.mean(), out.posterior.kl().mean())
+    kl = -(log_w - log_px_z).mean() if not out.prior.closed_form_kl else out.posterior.kl().mean()
+    return LossTerms(-bound, log_w.mean(), -log_px_z.mean(), kl)
 
 
 def objective_terms(

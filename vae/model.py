@@ -25,7 +25,15 @@ import torch
 from torch import nn
 
 from vae.config import ModelConfig
-from vae.distributions import BernoulliLikelihood, DiagonalGaussian, GaussianLikelihood, Likelihood
+from vae.distributions import (
+    BernoulliLikelihood,
+    DiagonalGaussian,
+    GaussianLikelihood,
+    Likelihood,
+    Prior,
+    StandardNormal,
+    VampPrior,
+)
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
 
@@ -37,7 +45,8 @@ if TYPE_CHECKING:
 class VAEOutput:
     posterior: DiagonalGaussian  # q(z|x), batch (B, D)
     likelihood: Likelihood  # p(x|z), batch (B, C, H, W)
-    z: torch.Tensor  # (B, D), the reparameterised sample the likelihood was decoded from
+    z: torch.Tensor  # (B, D) or (K, B, D): the reparameterised samples the likelihood decoded
+    prior: Prior  # p(z)
 
 
 def _activation(name: str) -> nn.Module:
@@ -50,14 +59,36 @@ def _activation(name: str) -> nn.Module:
     raise ValueError(f"model.activation: unknown {name!r}")
 
 
+class _Gated(nn.Module):
+    """h = (W x + b) * sigmoid(V x + c): a gated layer (Dauphin et al. 2017), as in the MLPs of
+    the VampPrior and Exemplar VAE papers; the gate replaces the nonlinearity."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.h, self.g = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def _mlp(n_in: int, hidden: int, layers: int, n_out: int, act: str, gated: bool) -> list[nn.Module]:
+    """``layers`` hidden layers of ``hidden`` units (plain + activation, or gated), then a linear
+    output. The plain layout keeps the module indices of the one-layer models saved before
+    ``hidden_layers`` existed."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        width = n_in if i == 0 else hidden
+        mods += [_Gated(width, hidden)] if gated else [nn.Linear(width, hidden), _activation(act)]
+    return [*mods, nn.Linear(hidden, n_out)]
+
+
 class _MLPEncoder(nn.Module):
-    def __init__(self, in_features: int, hidden: int, latent: int, act: str) -> None:
+    def __init__(
+        self, in_features: int, hidden: int, latent: int, act: str, layers: int = 1, gated=False
+    ) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_features, hidden),
-            _activation(act),
-            nn.Linear(hidden, 2 * latent),
+            nn.Flatten(), *_mlp(in_features, hidden, layers, 2 * latent, act, gated)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +96,12 @@ class _MLPEncoder(nn.Module):
 
 
 class _MLPDecoder(nn.Module):
-    def __init__(self, latent: int, hidden: int, out_shape: tuple[int, ...], act: str) -> None:
+    def __init__(
+        self, latent: int, hidden: int, out_shape: tuple[int, ...], act: str, layers=1, gated=False
+    ) -> None:
         super().__init__()
         self.out_shape = out_shape
-        self.net = nn.Sequential(
-            nn.Linear(latent, hidden), _activation(act), nn.Linear(hidden, math.prod(out_shape))
-        )
+        self.net = nn.Sequential(*_mlp(latent, hidden, layers, math.prod(out_shape), act, gated))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).unflatten(-1, self.out_shape)
@@ -122,12 +153,13 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
         self.latent_dim = cfg.latent_dim
-        if cfg.arch == "mlp":
+        if cfg.arch in ("mlp", "gated_mlp"):
+            deep = {"layers": cfg.hidden_layers, "gated": cfg.arch == "gated_mlp"}
             self.encoder: nn.Module = _MLPEncoder(
-                math.prod(image_shape), cfg.hidden_dim, cfg.latent_dim, cfg.activation
+                math.prod(image_shape), cfg.hidden_dim, cfg.latent_dim, cfg.activation, **deep
             )
             self.decoder: nn.Module = _MLPDecoder(
-                cfg.latent_dim, cfg.hidden_dim, self.image_shape, cfg.activation
+                cfg.latent_dim, cfg.hidden_dim, self.image_shape, cfg.activation, **deep
             )
         else:
             if image_shape[1] % 4 or image_shape[2] % 4:
@@ -144,7 +176,11 @@ class VAE(nn.Module):
         if cfg.likelihood == "gaussian":
             shape = self.image_shape if cfg.gaussian_variance == "per_pixel" else (1, 1, 1)
             self.decoder_logvar = nn.Parameter(torch.zeros(shape))
-        # Where generate() draws z: None is the prior N(0, I); a mixture fitted to the training
+        if cfg.prior == "vamp":  # pseudo-input logits; sigmoid(-1) ~ 0.27, a mean pixel
+            self.pseudo_inputs = nn.Parameter(
+                torch.randn(cfg.pseudo_inputs, *self.image_shape) * 0.1 - 1.0
+            )
+        # Where generate() draws z: None is the prior p(z); a mixture fitted to the training
         # codes after training (vae.sampler) is not a weight, so it is not in the state dict.
         self.latent_sampler: GaussianMixture | None = None
 
@@ -152,6 +188,12 @@ class VAE(nn.Module):
         """x (B, C, H, W) in [0, 1] -> q(z|x)."""
         mean, logvar = self.encoder(x).float().chunk(2, dim=-1)  # each (B, D)
         return DiagonalGaussian(mean, logvar)
+
+    def prior(self) -> Prior:
+        """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``)."""
+        if self.cfg.prior == "standard":
+            return StandardNormal(self.latent_dim)
+        return VampPrior(self.encode(torch.sigmoid(self.pseudo_inputs)))
 
     def decode(self, z: torch.Tensor) -> Likelihood:
         """z (..., D) -> p(x|z) over images (..., C, H, W); leading dims are flattened through."""
@@ -171,7 +213,7 @@ class VAE(nn.Module):
         """Encode, draw z = mean + std * eps (eps from ``generator``, or given), decode."""
         posterior = self.encode(x)
         z = posterior.sample(generator) if eps is None else posterior.mean + posterior.std * eps
-        return VAEOutput(posterior, self.decode(z), z)
+        return VAEOutput(posterior, self.decode(z), z, self.prior())
 
     @torch.no_grad()
     def generate(
@@ -186,7 +228,7 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         if self.latent_sampler is not None:
             return self.latent_sampler.sample(n, generator).to(device)
-        return torch.randn((n, self.latent_dim), generator=generator, device=device)
+        return self.prior().sample(n, generator, device)
 
 
 @contextlib.contextmanager

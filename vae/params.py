@@ -163,6 +163,11 @@ def _cross_checks(cfg: Config) -> None:
             "train.objective: 'iwae' weights no KL term, so it takes no train.beta, "
             "train.kl_warmup_steps or train.free_bits; set them to 1.0, 0 and 0.0"
         )
+    if cfg.model.prior == "vamp" and tc.free_bits:
+        raise ConfigError(
+            "model.prior: 'vamp' has no per-dimension KL for train.free_bits to floor; "
+            "set train.free_bits: 0.0"
+        )
     for key in ("experiment", "registered_model"):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):
             raise ConfigError(
