@@ -40,6 +40,7 @@ TINY_PARAMS = {
         "n_interpolations": 2,
         "interpolation_steps": 5,
     },
+    "score": {"n_samples": 40, "classifier_epochs": 1, "classifier_features": 16},
     "mlflow": {
         "enabled": False,
         "experiment": "tiny",

@@ -34,7 +34,7 @@ from vae.registry import decide_promotion
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
 NAME = "tiny-vae"
-STAGES = ["prepare", "train", "evaluate", "export", "generate", "register"]
+STAGES = ["prepare", "train", "evaluate", "export", "generate", "classify", "score", "register"]
 
 
 def make_project(root: Path, **mlflow: object) -> Path:
@@ -86,7 +86,13 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
     history = client.get_metric_history(run_id, "val_nelbo")
     assert sorted(m.step for m in history) == [1, 2]
     # the JSON metrics files and MLflow agree exactly
-    for stage, name in (("train", "train"), ("evaluate", "eval"), ("export", "downstream")):
+    pairs = (
+        ("train", "train"),
+        ("evaluate", "eval"),
+        ("export", "downstream"),
+        ("score", "quality"),
+    )
+    for stage, name in pairs:
         expected = flatten_metrics(
             json.loads((root / f"metrics/{name}.json").read_text()), f"{stage}."
         )
@@ -95,7 +101,7 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
             assert run.data.metrics[key] == pytest.approx(value, rel=1e-12), key
     artifacts = {
         a.path
-        for d in ("train", "evaluate", "generate", "register")
+        for d in ("train", "evaluate", "generate", "score", "register")
         for a in client.list_artifacts(run_id, d)
     }
     for path in (
@@ -103,6 +109,8 @@ def _check_run_and_registry(root: Path, uri: str) -> None:
         "evaluate/eval.json",
         "generate/samples.png",
         "generate/latent_2d.png",
+        "generate/sampler.safetensors",
+        "score/quality.json",
         "register/registry.json",
     ):
         assert path in artifacts, path
@@ -221,7 +229,9 @@ def test_fresh_process_consumer(local: tuple[Path, str], tmp_path: Path) -> None
     shape, model_file, modules = out.stdout.strip().splitlines()
     assert shape == f"(5, {TINY_PARAMS['model']['latent_dim']})"
     assert model_file.endswith("/code/vae/model.py"), model_file
-    assert modules == str(["vae", "vae.config", "vae.distributions", "vae.model", "vae.pyfunc"])
+    assert modules == str(
+        ["vae", "vae.config", "vae.distributions", "vae.model", "vae.pyfunc", "vae.sampler"]
+    )
 
 
 def test_promotion_gate() -> None:
@@ -470,9 +480,10 @@ def test_reregister_makes_an_old_version_self_contained(tmp_path: Path) -> None:
     assert new.tags["reregistered_from"] == "1" and new.tags["nll_iw"] == "123.5"
     assert "Test nll_iw: 123.50 nats" in new.description
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/old-vae/2"))
-    assert sorted(p.name for p in (local / "code" / "vae").iterdir()) == sorted(
-        ("__init__.py", "config.py", "distributions.py", "model.py", "pyfunc.py")
-    )
+    from vae.packaging import INFERENCE_MODULES
+
+    shipped = sorted(p.name for p in (local / "code" / "vae").iterdir())
+    assert shipped == sorted(INFERENCE_MODULES)
     loaded = mlflow.pyfunc.load_model("models:/old-vae@champion")
     x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
     with torch.no_grad():

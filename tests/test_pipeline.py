@@ -32,7 +32,17 @@ from tests.test_export import SCORE_KEYS
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "prepare", "train", "evaluate", "export", "generate", "register"]
+STAGES = [
+    "ingest",
+    "prepare",
+    "train",
+    "evaluate",
+    "export",
+    "generate",
+    "classify",
+    "score",
+    "register",
+]
 NAME = "tiny-vae"
 
 
@@ -94,6 +104,13 @@ def test_pipeline_outputs(pipeline_repo: Path) -> None:
     for name in ("samples", "samples_stochastic", "reconstructions", "interpolations", "latent_2d"):
         with Image.open(root / "reports" / f"{name}.png") as im:
             assert im.size[0] > 0
+    quality = json.loads((root / "metrics/quality.json").read_text())
+    sets = {"real_train", "prior_mean", "prior_sample", "gmm_mean", "gmm_sample", "reconstruction"}
+    assert set(quality["sets"]) == sets and quality["sampler"] == "gmm"
+    for name, m in quality["sets"].items():
+        assert m["fid"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1, name
+        assert m["n"] == TINY_PARAMS["score"]["n_samples"], name
+    assert 0 <= quality["classifier_test_accuracy"] <= 1
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 
@@ -261,9 +278,18 @@ def test_folder_source_changes_rerun_ingest_and_prepare(tmp_path: Path) -> None:
     assert [sum(s["count"] for s in m["splits"].values()) for m in hashes] == [20, 21, 20, 20]
 
 
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node, except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            continue
+        yield node
+        yield from _runtime_nodes(node)
+
+
 def _vae_imports(tree: ast.AST) -> set[str]:
     found = set()
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vae"):
             found.add(node.module)
             found.update(f"{node.module}.{a.name}" for a in node.names)

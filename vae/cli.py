@@ -31,6 +31,7 @@ from vae.stages import (
     PREPARED,
     RAW,
     StageError,
+    cmd_classify,
     cmd_download,
     cmd_evaluate,
     cmd_export,
@@ -39,6 +40,7 @@ from vae.stages import (
     cmd_log_run,
     cmd_prepare,
     cmd_register,
+    cmd_score,
     cmd_train,
 )
 
@@ -54,7 +56,7 @@ __all__ = [
 
 EXIT_ERROR, EXIT_USAGE, EXIT_SOFTWARE, EXIT_TEMPFAIL = 1, 2, 70, 75
 # The stages that use train.device, and write models/, metrics/ or the registry.
-DEVICE_COMMANDS = ("train", "evaluate", "export", "generate", "register")
+DEVICE_COMMANDS = ("train", "evaluate", "export", "generate", "classify", "score", "register")
 
 
 _FOLDERS = {
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", cmd_evaluate, None, "test ELBO, importance-weighted log p(x), active units"),
         ("export", cmd_export, "data/embeddings", "latent embeddings as Parquet + their use"),
         ("generate", cmd_generate, "reports", "PNG grids: samples, reconstructions, latent space"),
+        ("classify", cmd_classify, None, "train the feature classifier that score measures with"),
+        ("score", cmd_score, None, "sample quality: Frechet distance, precision and recall"),
         ("register", cmd_register, None, "register the model in MLflow; gate the champion alias"),
     ):
         p = sub.add_parser(name, help=help_)
@@ -208,7 +212,7 @@ def _missing_pipeline_extra() -> str | None:
     """The first module of the ``pipeline`` extra that is not installed, if any."""
     import importlib.util
 
-    for module in ("dvc", "prefect", "torchvision", "sklearn", "matplotlib"):
+    for module in ("dvc", "prefect", "torchvision", "sklearn", "matplotlib", "torchmetrics"):
         if importlib.util.find_spec(module) is None:
             return module
     return None

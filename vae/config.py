@@ -138,6 +138,19 @@ class GenerateConfig:
 
 
 @dataclass(frozen=True)
+class ScoreConfig:
+    # Sample quality in the features of a small CNN classifier trained on the training split
+    # (`vae classify`): Frechet distance and precision/recall against the test images.
+    n_samples: int = field(default=10000, metadata=_range(ge=10, le=1000000))  # per set
+    neighbours: int = field(default=3, metadata=_range(ge=1, le=100))  # k of precision/recall
+    classifier_epochs: int = field(default=5, metadata=_range(ge=1, le=1000))
+    classifier_batch_size: int = field(default=128, metadata=_range(ge=1))
+    classifier_lr: float = field(default=1e-3, metadata=_range(gt=0.0, le=10.0))
+    classifier_features: int = field(default=128, metadata=_range(ge=2, le=65536))
+    seed: int = field(default=0, metadata=_range(ge=0))
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     # Track every pipeline run (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project).
     enabled: bool = True
@@ -172,6 +185,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 

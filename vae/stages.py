@@ -246,6 +246,56 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
+def cmd_classify(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.atomic import atomic_write_json
+    from vae.data import load_split
+    from vae.distributed import select_device
+    from vae.score import classify, save_classifier
+
+    prepared = Path(args.data)
+    _check_prepared(cfg, prepared)
+    train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
+    net, metrics = classify(train, test, cfg.score, select_device(cfg.train.device))
+    save_classifier(Path(args.models) / "classifier.pt", net, metrics)
+    atomic_write_json(Path(args.metrics) / "classifier.json", metrics)
+    if net is None:
+        log.warning("no feature classifier: %s; `vae score` will skip", metrics["skipped"])
+    else:
+        log.info("feature classifier: test accuracy %.4f", metrics["test_accuracy"] or 0.0)
+
+
+def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.atomic import atomic_write_json
+    from vae.data import load_split
+    from vae.mlflow_tracker import log_stage
+    from vae.sampler import SAMPLER_FILE, load_sampler
+    from vae.score import load_classifier, score
+
+    prepared, models = Path(args.data), Path(args.models)
+    _check_prepared(cfg, prepared)
+    tracker = _stage_run(cfg, args)
+    model, _, device = _load_trained(cfg, args)
+    net, classifier = load_classifier(models / "classifier.pt", device)
+    out = Path(args.metrics) / "quality.json"
+    if net is None:
+        result: dict = {"skipped": classifier["skipped"]}
+    else:
+        kind, gmm = load_sampler(models / SAMPLER_FILE)
+        train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
+        result = score(model, gmm, net, train, test, cfg.data.binarize, cfg.score, cfg.export.seed)
+        result.update(sampler=kind, classifier_test_accuracy=classifier["test_accuracy"])
+    atomic_write_json(out, result)
+    log_stage(tracker, "score", result, [out])
+    for name, m in result.get("sets", {}).items():
+        log.info(
+            "%-15s fid %8.2f  precision %.3f  recall %.3f",
+            name,
+            m["fid"],
+            m["precision"],
+            m["recall"],
+        )
+
+
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.mlflow_tracker import log_stage
