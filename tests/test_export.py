@@ -97,6 +97,8 @@ SCORE_KEYS = (
     "knn_accuracy",
     "pixel_linear_probe_accuracy",
     "pixel_knn_accuracy",
+    "grey_pixel_linear_probe_accuracy",
+    "grey_pixel_knn_accuracy",
 )
 
 
@@ -115,6 +117,10 @@ def test_export_metrics_keys_and_ranges(tmp_path: Path) -> None:
         assert metrics[key] >= 0.0
     # On the bars the pixel baseline is easy; a second run gives the same scores.
     assert metrics["pixel_knn_accuracy"] > 0.9 and metrics["pixel_linear_probe_accuracy"] > 0.9
+    # without binarization the grey pixels are the pixels the model sees
+    assert metrics["grey_pixel_knn_accuracy"] == metrics["pixel_knn_accuracy"]
+    binarized = export(model, _splits(), "static", CFG, tmp_path, pixel_probe_max_rows=25)
+    assert binarized["grey_pixel_knn_accuracy"] == metrics["grey_pixel_knn_accuracy"]
     again = export(model, _splits(), "none", CFG, tmp_path, pixel_probe_max_rows=25)
     assert {k: v for k, v in again.items() if "seconds" not in k} == {
         k: v for k, v in metrics.items() if "seconds" not in k

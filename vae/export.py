@@ -223,14 +223,16 @@ def export(
 
     Images are ``float_images(split, binarize, seed)``, so dynamic data is embedded as one
     fixed, seeded binarization. Scores train on ``train`` and test on ``test`` (None when
-    either is missing or unlabelled): on the embeddings (mu) and, as the baseline, on raw
-    pixels, whose linear probe trains on at most ``pixel_probe_max_rows`` rows (None: all).
+    either is missing or unlabelled): on the embeddings (mu) and, as the baselines, on the
+    pixels the model sees (``pixel_*``) and on the grey pixels before binarization
+    (``grey_pixel_*``), whose linear probes train on at most ``pixel_probe_max_rows`` rows.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     embed_s = write_s = 0.0
     mus: dict[str, torch.Tensor] = {}
     pixels: dict[str, torch.Tensor] = {}  # (N, C*H*W) flattened float images, train and test
+    grey: dict[str, torch.Tensor] = {}  # the same, before binarization
     rows: dict[str, int] = {}
     for name, split in splits.items():
         t0 = time.perf_counter()
@@ -239,6 +241,7 @@ def export(
         embed_s += time.perf_counter() - t0
         if name in ("train", "test"):
             pixels[name] = x.flatten(1)
+            grey[name] = split.images.flatten(1).float() / 255.0
         t0 = time.perf_counter()
         frame = embeddings_frame(name, split.labels, mus[name], logvar)
         atomic_write_with(
@@ -259,14 +262,28 @@ def export(
             probe_max_rows=pixel_probe_max_rows,
             seed=seed,
         )
+        # Grey pixels, the stronger baseline: binarization throws information away.
+        grey_scores = pixel
+        if binarize != "none":
+            grey_scores = downstream_metrics(
+                grey["train"],
+                train_y,
+                grey["test"],
+                test_y,
+                cfg,
+                probe_max_rows=pixel_probe_max_rows,
+                seed=seed,
+            )
     else:
         none_x, none_y = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
-        latent = pixel = downstream_metrics(none_x, none_y, none_x, none_y, cfg)
+        latent = pixel = grey_scores = downstream_metrics(none_x, none_y, none_x, none_y, cfg)
     metrics = {
         "linear_probe_accuracy": latent["linear_probe_accuracy"],
         "knn_accuracy": latent["knn_accuracy"],
         "pixel_linear_probe_accuracy": pixel["linear_probe_accuracy"],
         "pixel_knn_accuracy": pixel["knn_accuracy"],
+        "grey_pixel_linear_probe_accuracy": grey_scores["linear_probe_accuracy"],
+        "grey_pixel_knn_accuracy": grey_scores["knn_accuracy"],
         "knn_k": cfg.knn_k,
         "latent_dim": model.latent_dim,
         "parameters": sum(p.numel() for p in model.parameters()),
