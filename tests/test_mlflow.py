@@ -230,7 +230,15 @@ def test_fresh_process_consumer(local: tuple[Path, str], tmp_path: Path) -> None
     assert shape == f"(5, {TINY_PARAMS['model']['latent_dim']})"
     assert model_file.endswith("/code/vae/model.py"), model_file
     assert modules == str(
-        ["vae", "vae.config", "vae.distributions", "vae.model", "vae.pyfunc", "vae.sampler"]
+        [
+            "vae",
+            "vae.config",
+            "vae.distributions",
+            "vae.model",
+            "vae.pyfunc",
+            "vae.resnet",
+            "vae.sampler",
+        ]
     )
 
 

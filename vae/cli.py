@@ -138,8 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
         if out:
             _out(p, out, "where the outputs go")
         p.set_defaults(func=func)
+    p = sub.add_parser(
+        "preset",
+        help="print a preset of presets.yaml as dvc exp run flags: "
+        "dvc exp run $(vae preset quality)",
+    )
+    p.add_argument("name", nargs="?", help="the preset; without it, list them all")
+    p.add_argument("--presets", default="presets.yaml", help="(default: %(default)s)")
+    p.set_defaults(func=_cmd_preset)
     add_consumer_parsers(sub)
     return parser
+
+
+def _cmd_preset(cfg: Config, args: argparse.Namespace) -> None:
+    from vae.presets import dvc_flags, load_presets
+
+    names = [args.name] if args.name else list(load_presets(args.presets))
+    for name in names:
+        flags = dvc_flags(name, args.presets, args.params)
+        print(flags if args.name else f"{name}: {flags}")
 
 
 def _log_format() -> str:

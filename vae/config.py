@@ -55,8 +55,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs.
-    arch: Literal["mlp", "gated_mlp", "conv"] = "mlp"
+    # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs;
+    # resnet: residual conv encoder/decoder (vae/resnet.py), conv_channels wide, H, W % 4 == 0.
+    arch: Literal["mlp", "gated_mlp", "conv", "resnet"] = "mlp"
     latent_dim: int = field(default=32, metadata=_range(ge=1, le=4096))
     hidden_dim: int = field(default=400, metadata=_range(ge=1, le=65536))
     hidden_layers: int = field(default=1, metadata=_range(ge=1, le=16))  # mlp and gated_mlp

@@ -34,6 +34,7 @@ from vae.distributions import (
     StandardNormal,
     VampPrior,
 )
+from vae.resnet import ResNetDecoder, ResNetEncoder
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
 
@@ -161,6 +162,10 @@ class VAE(nn.Module):
             self.decoder: nn.Module = _MLPDecoder(
                 cfg.latent_dim, cfg.hidden_dim, self.image_shape, cfg.activation, **deep
             )
+        elif cfg.arch == "resnet":
+            sizes = (self.image_shape, cfg.conv_channels, cfg.hidden_dim, cfg.latent_dim)
+            self.encoder = ResNetEncoder(*sizes, cfg.activation)
+            self.decoder = ResNetDecoder(*sizes, cfg.activation)
         else:
             if image_shape[1] % 4 or image_shape[2] % 4:
                 raise ValueError(

@@ -38,6 +38,7 @@ INFERENCE_MODULES = (
     "distributions.py",
     "model.py",
     "pyfunc.py",
+    "resnet.py",
     "sampler.py",
 )
 
