@@ -34,6 +34,7 @@ from vae.distributions import (
     StandardNormal,
     VampPrior,
 )
+from vae.layers import Gated, activation
 from vae.resnet import ResNetDecoder, ResNetEncoder
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
@@ -50,28 +51,6 @@ class VAEOutput:
     prior: Prior  # p(z)
 
 
-def _activation(name: str) -> nn.Module:
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.1)
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(f"model.activation: unknown {name!r}")
-
-
-class _Gated(nn.Module):
-    """h = (W x + b) * sigmoid(V x + c): a gated layer (Dauphin et al. 2017), as in the MLPs of
-    the VampPrior and Exemplar VAE papers; the gate replaces the nonlinearity."""
-
-    def __init__(self, n_in: int, n_out: int) -> None:
-        super().__init__()
-        self.h, self.g = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
-
-
 def _mlp(n_in: int, hidden: int, layers: int, n_out: int, act: str, gated: bool) -> list[nn.Module]:
     """``layers`` hidden layers of ``hidden`` units (plain + activation, or gated), then a linear
     output. The plain layout keeps the module indices of the one-layer models saved before
@@ -79,7 +58,7 @@ def _mlp(n_in: int, hidden: int, layers: int, n_out: int, act: str, gated: bool)
     mods: list[nn.Module] = []
     for i in range(layers):
         width = n_in if i == 0 else hidden
-        mods += [_Gated(width, hidden)] if gated else [nn.Linear(width, hidden), _activation(act)]
+        mods += [Gated(width, hidden)] if gated else [nn.Linear(width, hidden), activation(act)]
     return [*mods, nn.Linear(hidden, n_out)]
 
 
@@ -116,12 +95,12 @@ class _ConvEncoder(nn.Module):
         ch, h, w = shape
         self.net = nn.Sequential(
             nn.Conv2d(ch, c, 4, 2, 1),
-            _activation(act),
+            activation(act),
             nn.Conv2d(c, 2 * c, 4, 2, 1),
-            _activation(act),
+            activation(act),
             nn.Flatten(),
             nn.Linear(2 * c * (h // 4) * (w // 4), hidden),
-            _activation(act),
+            activation(act),
             nn.Linear(hidden, 2 * latent),
         )
 
@@ -135,12 +114,12 @@ class _ConvDecoder(nn.Module):
         ch, h, w = shape
         self.net = nn.Sequential(
             nn.Linear(latent, hidden),
-            _activation(act),
+            activation(act),
             nn.Linear(hidden, 2 * c * (h // 4) * (w // 4)),
-            _activation(act),
+            activation(act),
             nn.Unflatten(-1, (2 * c, h // 4, w // 4)),
             nn.ConvTranspose2d(2 * c, c, 4, 2, 1),
-            _activation(act),
+            activation(act),
             nn.ConvTranspose2d(c, ch, 4, 2, 1),
         )
 

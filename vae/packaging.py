@@ -36,6 +36,7 @@ INFERENCE_MODULES = (
     "__init__.py",
     "config.py",
     "distributions.py",
+    "layers.py",
     "model.py",
     "pyfunc.py",
     "resnet.py",

@@ -37,8 +37,8 @@ Design choices, each for a reason:
 * **Downsampling by a 4x4 stride-2 conv** (as in the plain ``conv`` encoder): the kernel is a
   multiple of the stride, so every input pixel is covered equally often.
 
-Only torch and the standard library are imported: this module ships inside registered models,
-and :mod:`vae.model` imports it (so it cannot import :mod:`vae.model` back).
+Only torch and :mod:`vae.layers` are imported: this module ships inside registered models, and
+:mod:`vae.model` imports it (so it cannot import :mod:`vae.model` back).
 """
 
 from __future__ import annotations
@@ -46,18 +46,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vae.layers import activation
+
 __all__ = ["ResNetDecoder", "ResNetEncoder"]
-
-
-def _act(name: str) -> nn.Module:
-    """The same names and slopes as ``model.activation`` (vae.model._activation)."""
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(0.1)
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(f"model.activation: unknown {name!r}")
 
 
 def _check_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -80,7 +71,10 @@ class _ResBlock(nn.Module):
     def __init__(self, c: int, act: str) -> None:
         super().__init__()
         self.branch = nn.Sequential(
-            _act(act), nn.Conv2d(c, c, 3, padding=1), _act(act), nn.Conv2d(c, c, 3, padding=1)
+            activation(act),
+            nn.Conv2d(c, c, 3, padding=1),
+            activation(act),
+            nn.Conv2d(c, c, 3, padding=1),
         )
         nn.init.zeros_(self.branch[-1].weight)  # identity at init; see the module docstring
         nn.init.zeros_(self.branch[-1].bias)
@@ -94,12 +88,16 @@ def _stage(c: int, blocks: int, act: str) -> list[nn.Module]:
 
 
 def _down(c_in: int, c_out: int, act: str) -> list[nn.Module]:
-    return [_act(act), nn.Conv2d(c_in, c_out, 4, 2, 1)]  # (h, w) -> (h/2, w/2)
+    return [activation(act), nn.Conv2d(c_in, c_out, 4, 2, 1)]  # (h, w) -> (h/2, w/2)
 
 
 def _up(c_in: int, c_out: int, act: str) -> list[nn.Module]:
     # The activation goes before the upsampling: pointwise, so the same, on 4x fewer pixels.
-    return [_act(act), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1)]
+    return [
+        activation(act),
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(c_in, c_out, 3, 1, 1),
+    ]
 
 
 class ResNetEncoder(nn.Module):
@@ -123,10 +121,10 @@ class ResNetEncoder(nn.Module):
             *_stage(2 * c, blocks, act),
             *_down(2 * c, 2 * c, act),  # (B, 2c, H/4, W/4)
             *_stage(2 * c, blocks, act),
-            _act(act),  # the skip path is pre-activation, so the head needs its own
+            activation(act),  # the skip path is pre-activation, so the head needs its own
             nn.Flatten(),
             nn.Linear(2 * c * (h // 4) * (w // 4), hidden),
-            _act(act),
+            activation(act),
             nn.Linear(hidden, 2 * latent),
         )
 
@@ -154,14 +152,14 @@ class ResNetDecoder(nn.Module):
         c = channels
         self.net = nn.Sequential(
             nn.Linear(latent, hidden),
-            _act(act),
+            activation(act),
             nn.Linear(hidden, 2 * c * (h // 4) * (w // 4)),  # no act: blocks pre-activate
             nn.Unflatten(-1, (2 * c, h // 4, w // 4)),  # (B, 2c, H/4, W/4)
             *_stage(2 * c, blocks, act),
             *_up(2 * c, 2 * c, act),  # (B, 2c, H/2, W/2)
             *_stage(2 * c, blocks, act),
             *_up(2 * c, c, act),  # (B, c, H, W)
-            _act(act),
+            activation(act),
             nn.Conv2d(c, ch, 3, 1, 1),  # (B, C, H, W)
         )
 
