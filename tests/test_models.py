@@ -102,3 +102,11 @@ def test_deeper_mlps_keep_the_layout_of_one_layer_models() -> None:
     assert sum(isinstance(m, torch.nn.Sigmoid) for m in gated.modules()) == 0  # gates, not acts
     assert gated.encoder(_batch()).shape == (6, 6)
     assert gated.decode(torch.zeros(2, 3)).mean.shape == (2, *SHAPE)
+
+
+def test_evaluation_on_a_fixed_subset_uses_the_first_images() -> None:
+    model, x = _vae(), _batch(20)
+    part = evaluate(model, x, EvaluateConfig(iw_samples=4, batch_size=7, max_images=8))
+    alone = evaluate(model, x[:8], EvaluateConfig(iw_samples=4, batch_size=7))
+    assert part["n_images"] == 8
+    assert part["nll_iw"] == alone["nll_iw"] and part["elbo"] == alone["elbo"]

@@ -114,6 +114,9 @@ class EvaluateConfig:
     batch_size: int = field(default=100, metadata=_range(ge=1))
     active_unit_threshold: float = field(default=0.01, metadata=_range(gt=0.0))
     seed: int = field(default=0, metadata=_range(ge=0))
+    # 0: the whole test split; N: its first N images, a fixed subset for a costly K (eval.json
+    # says how many in n_images, and the registry compares only like with like).
+    max_images: int = field(default=0, metadata=_range(ge=0))
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,8 @@ def active_units(
 
 @torch.no_grad()
 def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, Any]:
-    """Evaluate on the test images x_all (N, C, H, W), floats in [0, 1] on the model's device.
+    """Evaluate on the test images x_all (N, C, H, W), floats in [0, 1] on the model's device
+    (on their first ``cfg.max_images`` only, when it is set).
 
     Returns the metrics dict (JSON-ready Python numbers). Values are nats per image, means over
     the N images:
@@ -124,6 +125,8 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
       closed-form KL per latent unit; they sum to ``kl``; null for the VampPrior).
     - ``n_images``, ``iw_samples``, ``seconds`` (wall time) and ``images_x_samples_per_second``.
     """
+    if cfg.max_images:  # a fixed subset: the split's first images, whatever the seed
+        x_all = x_all[: cfg.max_images]
     with eval_mode(model):
         t0 = time.perf_counter()
         gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed)

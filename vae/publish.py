@@ -72,6 +72,8 @@ def _register(
         "iw_samples": str(cfg.evaluate.iw_samples),
         "evaluate_seed": str(cfg.evaluate.seed),
     }
+    if cfg.evaluate.max_images:  # only then, so champions tagged before it existed still match
+        eval_key["max_images"] = str(cfg.evaluate.max_images)
 
     device = next(model.parameters()).device
 
