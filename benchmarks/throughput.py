@@ -152,6 +152,8 @@ def classic_loss(
 class ClassicAsVAE(nn.Module):
     """The classic model behind ``vae.model.VAE``'s interface, so one function evaluates all."""
 
+    latent_dim = 20
+
     def __init__(self, ref: ClassicVAE) -> None:
         super().__init__()
         self.ref = ref
@@ -159,13 +161,13 @@ class ClassicAsVAE(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None, eps: Any = None
     ) -> Any:
-        from vae.distributions import BernoulliLikelihood, DiagonalGaussian
+        from vae.distributions import BernoulliLikelihood, DiagonalGaussian, StandardNormal
         from vae.model import VAEOutput
 
         q = DiagonalGaussian(*self.ref.encode(x.view(-1, 784)))  # (B, 20) each
         z = q.sample(generator) if eps is None else q.mean + q.std * eps
         logits = self.ref.decode_logits(z).view(-1, *x.shape[1:])  # (B, 1, 28, 28)
-        return VAEOutput(q, BernoulliLikelihood(logits), z)
+        return VAEOutput(q, BernoulliLikelihood(logits), z, StandardNormal(self.latent_dim))
 
 
 def _sync(device: torch.device) -> None:

@@ -40,7 +40,15 @@ TINY_PARAMS = {
         "n_interpolations": 2,
         "interpolation_steps": 5,
     },
-    "score": {"n_samples": 40, "classifier_epochs": 1, "classifier_features": 16},
+    "score": {
+        "n_samples": 40,
+        "neighbours": 3,
+        "classifier_epochs": 1,
+        "classifier_batch_size": 128,
+        "classifier_lr": 0.001,
+        "classifier_features": 16,
+        "seed": 0,
+    },
     "mlflow": {
         "enabled": False,
         "experiment": "tiny",

@@ -210,6 +210,47 @@ def read_embeddings(path: str | Path) -> pd.DataFrame:
 # The stage
 
 
+def _scores(
+    splits: Mapping[str, Split],
+    mus: dict[str, torch.Tensor],
+    pixels: dict[str, torch.Tensor],
+    grey: dict[str, torch.Tensor],
+    binarize: str,
+    cfg: ExportConfig,
+    pixel_probe_max_rows: int | None,
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Probe and k-NN scores of the embeddings, the pixels the model sees, and grey pixels."""
+    if "train" in splits and "test" in splits:
+        train_y, test_y = splits["train"].labels, splits["test"].labels
+        latent = downstream_metrics(mus["train"], train_y, mus["test"], test_y, cfg)
+        pixel = downstream_metrics(
+            pixels["train"],
+            train_y,
+            pixels["test"],
+            test_y,
+            cfg,
+            probe_max_rows=pixel_probe_max_rows,
+            seed=seed,
+        )
+        # Grey pixels, the stronger baseline: binarization throws information away.
+        grey_scores = pixel
+        if binarize != "none":
+            grey_scores = downstream_metrics(
+                grey["train"],
+                train_y,
+                grey["test"],
+                test_y,
+                cfg,
+                probe_max_rows=pixel_probe_max_rows,
+                seed=seed,
+            )
+    else:
+        none_x, none_y = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
+        latent = pixel = grey_scores = downstream_metrics(none_x, none_y, none_x, none_y, cfg)
+    return latent, pixel, grey_scores
+
+
 def export(
     model: VAE,
     splits: Mapping[str, Split],
@@ -250,33 +291,9 @@ def export(
         write_s += time.perf_counter() - t0
         rows[f"rows_{name}"] = len(split)
 
-    if "train" in splits and "test" in splits:
-        train_y, test_y = splits["train"].labels, splits["test"].labels
-        latent = downstream_metrics(mus["train"], train_y, mus["test"], test_y, cfg)
-        pixel = downstream_metrics(
-            pixels["train"],
-            train_y,
-            pixels["test"],
-            test_y,
-            cfg,
-            probe_max_rows=pixel_probe_max_rows,
-            seed=seed,
-        )
-        # Grey pixels, the stronger baseline: binarization throws information away.
-        grey_scores = pixel
-        if binarize != "none":
-            grey_scores = downstream_metrics(
-                grey["train"],
-                train_y,
-                grey["test"],
-                test_y,
-                cfg,
-                probe_max_rows=pixel_probe_max_rows,
-                seed=seed,
-            )
-    else:
-        none_x, none_y = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
-        latent = pixel = grey_scores = downstream_metrics(none_x, none_y, none_x, none_y, cfg)
+    latent, pixel, grey_scores = _scores(
+        splits, mus, pixels, grey, binarize, cfg, pixel_probe_max_rows, seed
+    )
     metrics = {
         "linear_probe_accuracy": latent["linear_probe_accuracy"],
         "knn_accuracy": latent["knn_accuracy"],

@@ -125,11 +125,11 @@ def score(
     test: Split,
     binarize: str,
     cfg: ScoreConfig,
-    encode_seed: int = 0,
 ) -> dict[str, Any]:
     """Fréchet distance, precision and recall of each set (see the module docstring).
 
-    ``encode_seed`` binarizes the test images that are reconstructed (dynamic binarization).
+    ``cfg.seed`` picks the images and draws the samples, and binarizes the test images that are
+    reconstructed (dynamic binarization).
     """
     n = min(cfg.n_samples, test.images.shape[0], train.images.shape[0])
     pick = torch.Generator().manual_seed(cfg.seed)
@@ -148,7 +148,7 @@ def score(
                 sets[f"{name}_sample"] = _samples(model, n, cfg.seed, mean=False)
             test_in = Split(test.images[t_idx], test.labels[t_idx])
             sets["reconstruction"] = _reconstructions(
-                model, float_images(test_in, binarize, encode_seed)
+                model, float_images(test_in, binarize, cfg.seed)
             )
     finally:
         model.latent_sampler = kept

@@ -157,8 +157,13 @@ def _chosen_sampler(models: Path) -> GaussianMixture | None:
     """The mixture ``vae generate`` fitted, if ``generate.sampler`` chose it; else the prior."""
     from vae.sampler import SAMPLER_FILE, load_sampler
 
-    if not (models / SAMPLER_FILE).is_file():
-        raise StageError(f"{models / SAMPLER_FILE}: missing; run `vae generate` first")
+    if not (models / SAMPLER_FILE).is_file():  # `vae register` straight after `vae train`
+        log.warning(
+            "%s: missing, so the registered model samples from the prior; run `vae generate` "
+            "first to register the sampler generate.sampler chooses",
+            models / SAMPLER_FILE,
+        )
+        return None
     kind, gmm = load_sampler(models / SAMPLER_FILE)
     return gmm if kind == "gmm" else None
 
@@ -229,7 +234,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
     gmm = fit_latent_sampler(
-        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate, cfg.export.seed
+        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate, cfg.generate.seed
     )
     sampler = Path(args.models) / SAMPLER_FILE
     atomic_write_with(sampler, lambda tmp: save_sampler(tmp, cfg.generate.sampler, gmm))
@@ -282,7 +287,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     else:
         kind, gmm = load_sampler(models / SAMPLER_FILE)
         train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
-        result = score(model, gmm, net, train, test, cfg.data.binarize, cfg.score, cfg.export.seed)
+        result = score(model, gmm, net, train, test, cfg.data.binarize, cfg.score)
         result.update(sampler=kind, classifier_test_accuracy=classifier["test_accuracy"])
     atomic_write_json(out, result)
     log_stage(tracker, "score", result, [out])
