@@ -110,3 +110,19 @@ def test_evaluation_on_a_fixed_subset_uses_the_first_images() -> None:
     alone = evaluate(model, x[:8], EvaluateConfig(iw_samples=4, batch_size=7))
     assert part["n_images"] == 8
     assert part["nll_iw"] == alone["nll_iw"] and part["elbo"] == alone["elbo"]
+
+
+def test_vamp_density_stays_exact_when_a_component_collapses() -> None:
+    """A pseudo-input whose posterior variance has shrunk to e^-25: the expanded quadratic form
+    cancels catastrophically in float32 (a training run diverged on it), so it runs in float64."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(50, 8, generator=g)
+    logvar = torch.full((50, 8), -25.0)
+    z = mean[:16] + 1e-7 * torch.randn(16, 8, generator=g)
+    got = VampPrior(DiagonalGaussian(mean, logvar)).log_prob(z)
+    ref = D.MixtureSameFamily(
+        D.Categorical(logits=torch.zeros(50, dtype=torch.float64)),
+        D.Independent(D.Normal(mean.double(), torch.exp(0.5 * logvar.double())), 1),
+    ).log_prob(z.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=0.01, rtol=0.0)

@@ -101,14 +101,20 @@ class VampPrior:
         return self.components.mean.shape[-1]
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(z) for z (..., D), returns (...). The quadratic form is expanded into matrix
-        products, so no (..., K, D) tensor is built: K = 500 components of 500 x 100 samples
-        would need gigabytes."""
-        mean, logvar = (t.to(z.dtype) for t in (self.components.mean, self.components.logvar))
+        """log p(z) for z (..., D), returns (...) in z's dtype.
+
+        The quadratic form is expanded into matrix products, z^2 / var - 2 z mean / var +
+        mean^2 / var, so no (..., K, D) tensor is built (500 components of 500 x 100 samples
+        would need gigabytes). A component whose variance has shrunk makes those terms huge and
+        their difference cancels, so they are formed in float64: in float32 the difference was
+        noise, and a training run diverged on it.
+        """
+        mean, logvar = (t.double() for t in (self.components.mean, self.components.logvar))
+        z64 = z.double()
         inv = torch.exp(-logvar)  # (K, D)
-        quad = z.pow(2) @ inv.T - 2.0 * (z @ (mean * inv).T) + (mean.pow(2) * inv).sum(-1)
+        quad = z64.pow(2) @ inv.T - 2.0 * (z64 @ (mean * inv).T) + (mean.pow(2) * inv).sum(-1)
         log_n = -0.5 * (self.dim * LOG_2PI + logvar.sum(-1) + quad)  # (..., K)
-        return torch.logsumexp(log_n, -1) - math.log(mean.shape[0])
+        return (torch.logsumexp(log_n, -1) - math.log(mean.shape[0])).to(z.dtype)
 
     def sample(
         self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
