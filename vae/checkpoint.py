@@ -73,7 +73,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # code that behaves differently is not resumed. What counts is behaviour, not bytes: DVC reruns
 # `train` on any byte change of a dependency, and after a comment or docstring edit that rerun
 # should be a cheap resume, not a retraining from scratch.
-_NUMERIC_MODULES = ("train", "model", "losses", "distributions", "data", "ema", "numerics")
+_NUMERIC_MODULES = (
+    "train",
+    "model",
+    "layers",
+    "resnet",
+    "losses",
+    "distributions",
+    "data",
+    "ema",
+    "numerics",
+)
 
 
 def behaviour(source: str) -> str:

@@ -140,9 +140,8 @@ def score(
     kept = model.latent_sampler
     try:
         with eval_mode(model):
-            for name, sampler in (("prior", None), ("gmm", gmm)):
-                if name == "gmm" and gmm is None:
-                    continue
+            samplers = {"prior": None} if gmm is None else {"prior": None, "gmm": gmm}
+            for name, sampler in samplers.items():
                 model.latent_sampler = sampler
                 sets[f"{name}_mean"] = _samples(model, n, cfg.seed, mean=True)
                 sets[f"{name}_sample"] = _samples(model, n, cfg.seed, mean=False)
