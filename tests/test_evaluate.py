@@ -29,6 +29,8 @@ KEYS = {
     "bits_per_dim",
     "active_units",
     "kl_per_dim",
+    "kl_per_layer",
+    "active_units_per_layer",
     "n_images",
     "seconds",
     "images_x_samples_per_second",
@@ -166,7 +168,10 @@ def test_metrics_of_a_trained_vae(trained: tuple[VAE, torch.Tensor]) -> None:
     assert set(m) == KEYS
     for key in ("iw_samples", "active_units", "n_images"):
         assert type(m[key]) is int, key
-    for key in KEYS - {"iw_samples", "active_units", "n_images", "kl_per_dim", "kl_estimator"}:
+    per_layer = {"kl_per_layer", "active_units_per_layer"}  # null for one layer
+    for key in (
+        KEYS - {"iw_samples", "active_units", "n_images", "kl_per_dim", "kl_estimator"} - per_layer
+    ):
         assert type(m[key]) is float and math.isfinite(m[key]), key
     assert json.loads(json.dumps(m)) == m
     assert (m["iw_samples"], m["n_images"]) == (64, 256)

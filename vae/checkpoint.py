@@ -78,6 +78,7 @@ _NUMERIC_MODULES = (
     "model",
     "layers",
     "resnet",
+    "hierarchy",
     "losses",
     "distributions",
     "data",

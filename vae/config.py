@@ -73,6 +73,14 @@ class ModelConfig:
     # `pseudo_inputs` learned images (its KL is estimated by Monte Carlo).
     prior: Literal["standard", "vamp"] = "standard"
     pseudo_inputs: int = field(default=500, metadata=_range(ge=1, le=100000))
+    # 2: a second stochastic layer, top-down (vae/hierarchy.py); z is then [z1, z2], each
+    # latent_dim wide.
+    latent_layers: int = field(default=1, metadata=_range(ge=1, le=2))
+
+    @property
+    def code_dim(self) -> int:
+        """The width of a code z: ``latent_dim`` per stochastic layer."""
+        return self.latent_dim * self.latent_layers
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> ModelConfig:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from vae.config import ModelConfig
 from vae.images import Batch, count_images, expand_inputs, iter_batches
 
 __all__ = [
@@ -73,7 +74,7 @@ class LoadedModel:
         self.pyfunc = pyfunc
         self.local = local  # the downloaded model folder: later readers see the same version
         self.image_shape: tuple[int, ...] = tuple(meta["image_shape"])
-        self.latent_dim: int = int(meta["model"]["latent_dim"])
+        self.latent_dim: int = ModelConfig.from_saved(meta["model"]).code_dim  # all layers
 
     def predict(self, x: np.ndarray, **params: Any) -> np.ndarray:
         from mlflow.exceptions import MlflowException

@@ -44,6 +44,10 @@ class DiagonalGaussian:
         eps = torch.randn(
             shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
         )
+        return self.reparam(eps)
+
+    def reparam(self, eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + std * eps for standard-normal noise eps (..., B, D)."""
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from vae.config import EvaluateConfig
 from vae.distributions import DiagonalGaussian, Likelihood, Prior
+from vae.hierarchy import HierarchicalPrior
 from vae.model import VAE, eval_mode
 
 __all__ = ["LatentVariableModel", "active_units", "evaluate", "iwae_log_likelihood"]
@@ -55,16 +56,18 @@ def _log_weights(
     chunk: int,
     prior: Prior | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z_k) and log p(z_k) - log q(z_k|x) for z_k ~ q: x (B, ...) -> 2 x (K, B) float64.
-
-    Their sum is log w_k. ``prior`` is ``model.prior()`` unless given.
+    """log p(x|z_k) (K, B) and log p(z_k) - log q(z_k|x) per stochastic layer (K, B, L) for
+    z_k ~ q, float64; x (B, ...). log w_k is the first plus the second summed over layers.
+    ``prior`` is ``model.prior()`` unless given.
     """
     prior = model.prior() if prior is None else prior
     z = q.sample(generator, n=k)  # (K, B, D), one draw: independent of ``chunk``
     step = max(1, chunk // x.shape[0])  # samples per decoder call: step * B <= max(chunk, B) rows
     ll = torch.cat([model.decode(z[i : i + step]).log_prob(x) for i in range(0, k, step)])
     z = z.double()  # the prior and posterior terms nearly cancel: keep their digits
-    return ll.double(), prior.log_prob(z) - q.log_prob(z)  # (K, B) each
+    if isinstance(prior, HierarchicalPrior):  # one log-ratio per stochastic layer
+        return ll.double(), prior.log_prob_layers(z) - q.log_prob_layers(z)  # (K, B), (K, B, 2)
+    return ll.double(), (prior.log_prob(z) - q.log_prob(z)).unsqueeze(-1)  # (K, B), (K, B, 1)
 
 
 @torch.no_grad()
@@ -85,7 +88,7 @@ def iwae_log_likelihood(
     if k < 1:
         raise ValueError(f"k: expected at least 1 importance sample, got {k}")
     ll, log_ratio = _log_weights(model, x, model.encode(x), k, generator, chunk)  # (K, N)
-    return torch.logsumexp(ll + log_ratio, 0) - math.log(k)
+    return torch.logsumexp(ll + log_ratio.sum(-1), 0) - math.log(k)
 
 
 @torch.no_grad()
@@ -122,7 +125,12 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
       density is over continuous [0, 1], the 8-bit discretisation term D ln 256 is added first:
       (nll_iw + D ln 256) / (D ln 2), the cost of coding 256-level pixels in bins of width 1/256.
     - ``active_units`` (count, ``active_unit_threshold``) and ``kl_per_dim`` (D_latent floats,
-      closed-form KL per latent unit; they sum to ``kl``; null for the VampPrior).
+      closed-form KL per latent unit; they sum to ``kl``; null for the VampPrior and for two
+      layers).
+    - ``kl_per_layer`` and ``active_units_per_layer`` (``model.latent_layers: 2``): [z1, z2],
+      bottom layer first; the KL terms E[log q(z1|x,z2) - log p(z1|z2)] and
+      E[log q(z2|x) - log p(z2)], Monte Carlo over the K samples, sum to ``kl``. Null for one
+      layer.
     - ``n_images``, ``iw_samples``, ``seconds`` (wall time) and ``images_x_samples_per_second``.
     """
     if cfg.max_images:  # a fixed subset: the split's first images, whatever the seed
@@ -132,23 +140,27 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
         gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed)
         n, k = x_all.shape[0], cfg.iw_samples
         # sums of log p(x), the ELBO and the Monte Carlo KL, over the images
-        sums = torch.zeros(3, dtype=torch.float64, device=x_all.device)
+        layers = model.cfg.latent_layers
+        sums = torch.zeros(2 + layers, dtype=torch.float64, device=x_all.device)
         kl_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=x_all.device)
         prior = model.prior()
+        closed = prior.closed_form_kl
         for i in range(0, n, cfg.batch_size):
             x = x_all[i : i + cfg.batch_size]
             q = model.encode(x)
-            ll, log_ratio = _log_weights(model, x, q, k, gen, DECODE_ROWS, prior)  # (K, B)
-            log_w = ll + log_ratio
+            ll, ratios = _log_weights(model, x, q, k, gen, DECODE_ROWS, prior)  # (K, B, L)
+            log_w = ll + ratios.sum(-1)  # (K, B)
             log_px = torch.logsumexp(log_w, 0) - math.log(k)  # (B,)
-            sums += torch.stack([log_px.sum(), log_w.mean(0).sum(), -log_ratio.mean(0).sum()])
-            kl_dim += q.kl_per_dim().double().sum(0)
-        n_active, _ = active_units(model, x_all, cfg.batch_size, cfg.active_unit_threshold)
+            kl_layers = -ratios.mean(0).sum(0)  # (L,): Monte Carlo KL sums per layer
+            sums += torch.cat([torch.stack([log_px.sum(), log_w.mean(0).sum()]), kl_layers])
+            if closed:
+                kl_dim += q.kl_per_dim().double().sum(0)
+        n_active, variances = active_units(model, x_all, cfg.batch_size, cfg.active_unit_threshold)
 
-    log_px, elbo, kl_mc = (sums / n).tolist()  # the one sync
-    closed = prior.closed_form_kl
+    log_px, elbo, *kl_mc = (sums / n).tolist()  # the one sync
     kl_per_dim = (kl_dim / n).tolist() if closed else None  # a mixture prior has no per-unit KL
-    kl = math.fsum(kl_per_dim) if kl_per_dim is not None else kl_mc
+    kl = math.fsum(kl_per_dim) if kl_per_dim is not None else math.fsum(kl_mc)
+    per_layer = variances.chunk(layers) if layers > 1 else ()
     nll = -log_px
     d = math.prod(x_all.shape[1:])
     nll_bits = nll + d * math.log(256.0) if model.cfg.likelihood == "gaussian" else nll
@@ -165,6 +177,10 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
         "bits_per_dim": nll_bits / (d * math.log(2.0)),
         "active_units": n_active,
         "kl_per_dim": kl_per_dim,
+        # two layers: [z1 (bottom), z2 (top)], Monte Carlo estimates; null for one layer
+        "kl_per_layer": kl_mc if layers > 1 else None,
+        "active_units_per_layer": [int((v > cfg.active_unit_threshold).sum()) for v in per_layer]
+        or None,
         "n_images": n,
         "seconds": seconds,
         "images_x_samples_per_second": n * k / seconds,

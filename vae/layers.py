@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Gated", "activation"]
+__all__ = ["Gated", "activation", "mlp_layers"]
 
 
 def activation(name: str) -> nn.Module:
@@ -30,3 +30,16 @@ class Gated(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def mlp_layers(
+    n_in: int, hidden: int, layers: int, n_out: int, act: str, gated: bool
+) -> list[nn.Module]:
+    """``layers`` hidden layers of ``hidden`` units (plain + activation, or gated), then a linear
+    output. The plain layout keeps the module indices of the one-layer models saved before
+    ``hidden_layers`` existed."""
+    mods: list[nn.Module] = []
+    for i in range(layers):
+        width = n_in if i == 0 else hidden
+        mods += [Gated(width, hidden)] if gated else [nn.Linear(width, hidden), activation(act)]
+    return [*mods, nn.Linear(hidden, n_out)]

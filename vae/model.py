@@ -34,7 +34,8 @@ from vae.distributions import (
     StandardNormal,
     VampPrior,
 )
-from vae.layers import Gated, activation
+from vae.hierarchy import HierarchicalPosterior, HierarchicalPrior, Posterior, TopDown
+from vae.layers import activation, mlp_layers
 from vae.resnet import ResNetDecoder, ResNetEncoder
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
@@ -45,21 +46,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class VAEOutput:
-    posterior: DiagonalGaussian  # q(z|x), batch (B, D)
+    posterior: Posterior  # q(z|x), batch (B, D)
     likelihood: Likelihood  # p(x|z), batch (B, C, H, W)
     z: torch.Tensor  # (B, D) or (K, B, D): the reparameterised samples the likelihood decoded
-    prior: Prior  # p(z)
-
-
-def _mlp(n_in: int, hidden: int, layers: int, n_out: int, act: str, gated: bool) -> list[nn.Module]:
-    """``layers`` hidden layers of ``hidden`` units (plain + activation, or gated), then a linear
-    output. The plain layout keeps the module indices of the one-layer models saved before
-    ``hidden_layers`` existed."""
-    mods: list[nn.Module] = []
-    for i in range(layers):
-        width = n_in if i == 0 else hidden
-        mods += [Gated(width, hidden)] if gated else [nn.Linear(width, hidden), activation(act)]
-    return [*mods, nn.Linear(hidden, n_out)]
+    prior: Prior | HierarchicalPrior  # p(z)
 
 
 class _MLPEncoder(nn.Module):
@@ -68,7 +58,7 @@ class _MLPEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Flatten(), *_mlp(in_features, hidden, layers, 2 * latent, act, gated)
+            nn.Flatten(), *mlp_layers(in_features, hidden, layers, 2 * latent, act, gated)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +71,9 @@ class _MLPDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.out_shape = out_shape
-        self.net = nn.Sequential(*_mlp(latent, hidden, layers, math.prod(out_shape), act, gated))
+        self.net = nn.Sequential(
+            *mlp_layers(latent, hidden, layers, math.prod(out_shape), act, gated)
+        )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z).unflatten(-1, self.out_shape)
@@ -132,31 +124,31 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
-        self.latent_dim = cfg.latent_dim
+        self.latent_dim = cfg.code_dim  # the width of z, all stochastic layers together
+        d, z = cfg.latent_dim, cfg.code_dim  # the encoder's head gives the top layer only
         if cfg.arch in ("mlp", "gated_mlp"):
             deep = {"layers": cfg.hidden_layers, "gated": cfg.arch == "gated_mlp"}
-            self.encoder: nn.Module = _MLPEncoder(
-                math.prod(image_shape), cfg.hidden_dim, cfg.latent_dim, cfg.activation, **deep
-            )
+            n_in = math.prod(image_shape)
+            self.encoder: nn.Module = _MLPEncoder(n_in, cfg.hidden_dim, d, cfg.activation, **deep)
             self.decoder: nn.Module = _MLPDecoder(
-                cfg.latent_dim, cfg.hidden_dim, self.image_shape, cfg.activation, **deep
+                z, cfg.hidden_dim, self.image_shape, cfg.activation, **deep
             )
         elif cfg.arch == "resnet":
-            sizes = (self.image_shape, cfg.conv_channels, cfg.hidden_dim, cfg.latent_dim)
-            self.encoder = ResNetEncoder(*sizes, cfg.activation)
-            self.decoder = ResNetDecoder(*sizes, cfg.activation)
+            sizes = (self.image_shape, cfg.conv_channels, cfg.hidden_dim)
+            self.encoder = ResNetEncoder(*sizes, d, cfg.activation)
+            self.decoder = ResNetDecoder(*sizes, z, cfg.activation)
         else:
             if image_shape[1] % 4 or image_shape[2] % 4:
                 raise ValueError(
                     f"model.arch: 'conv' needs height and width divisible by 4, "
                     f"got {image_shape[1:]}"
                 )
-            self.encoder = _ConvEncoder(
-                self.image_shape, cfg.conv_channels, cfg.hidden_dim, cfg.latent_dim, cfg.activation
-            )
-            self.decoder = _ConvDecoder(
-                self.image_shape, cfg.conv_channels, cfg.hidden_dim, cfg.latent_dim, cfg.activation
-            )
+            sizes = (self.image_shape, cfg.conv_channels, cfg.hidden_dim)
+            self.encoder = _ConvEncoder(*sizes, d, cfg.activation)
+            self.decoder = _ConvDecoder(*sizes, z, cfg.activation)
+        if cfg.latent_layers == 2:  # every encoder's last hidden layer is hidden_dim wide
+            gated = cfg.arch == "gated_mlp"
+            self.top_down = TopDown(cfg.hidden_dim, d, cfg.hidden_dim, cfg.activation, gated)
         if cfg.likelihood == "gaussian":
             shape = self.image_shape if cfg.gaussian_variance == "per_pixel" else (1, 1, 1)
             self.decoder_logvar = nn.Parameter(torch.zeros(shape))
@@ -168,16 +160,26 @@ class VAE(nn.Module):
         # codes after training (vae.sampler) is not a weight, so it is not in the state dict.
         self.latent_sampler: GaussianMixture | None = None
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """x (B, C, H, W) in [0, 1] -> q(z|x)."""
-        mean, logvar = self.encoder(x).float().chunk(2, dim=-1)  # each (B, D)
-        return DiagonalGaussian(mean, logvar)
+    def encode(self, x: torch.Tensor) -> Posterior:
+        """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""
+        if self.cfg.latent_layers == 1:
+            mean, logvar = self.encoder(x).float().chunk(2, dim=-1)  # each (B, D)
+            return DiagonalGaussian(mean, logvar)
+        h = self.encoder.net[:-1](x)  # (B, hidden_dim): the features under the head
+        top = DiagonalGaussian(*self.encoder.net[-1](h).float().chunk(2, dim=-1))
+        return HierarchicalPosterior(top, h, self.top_down.posterior)
 
-    def prior(self) -> Prior:
-        """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``)."""
+    def prior(self) -> Prior | HierarchicalPrior:
+        """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``); with
+        two layers that is p(z2), and p(z1|z2) is learned."""
         if self.cfg.prior == "standard":
-            return StandardNormal(self.latent_dim)
-        return VampPrior(self.encode(torch.sigmoid(self.pseudo_inputs)))
+            top: Prior = StandardNormal(self.cfg.latent_dim)
+        else:
+            q = self.encode(torch.sigmoid(self.pseudo_inputs))
+            top = VampPrior(q.top if isinstance(q, HierarchicalPosterior) else q)
+        if self.cfg.latent_layers == 1:
+            return top
+        return HierarchicalPrior(top, self.top_down.prior)
 
     def decode(self, z: torch.Tensor) -> Likelihood:
         """z (..., D) -> p(x|z) over images (..., C, H, W); leading dims are flattened through."""
@@ -196,7 +198,7 @@ class VAE(nn.Module):
     ) -> VAEOutput:
         """Encode, draw z = mean + std * eps (eps from ``generator``, or given), decode."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if eps is None else posterior.mean + posterior.std * eps
+        z = posterior.sample(generator) if eps is None else posterior.reparam(eps)
         return VAEOutput(posterior, self.decode(z), z, self.prior())
 
     @torch.no_grad()

@@ -36,6 +36,7 @@ INFERENCE_MODULES = (
     "__init__.py",
     "config.py",
     "distributions.py",
+    "hierarchy.py",
     "layers.py",
     "model.py",
     "pyfunc.py",
@@ -119,12 +120,13 @@ def describe_version(
     nll = (metrics or {}).get("nll_iw")
     score = f" Test nll_iw: {float(nll):.2f} nats." if nll is not None else ""
     return (
-        f"VAE ({c.arch}, latent_dim {c.latent_dim}, {c.likelihood} decoder).{score}\n\n"
+        f"VAE ({c.arch}, latent_dim {c.latent_dim} x {c.latent_layers} layer(s), "
+        f"{c.likelihood} decoder).{score}\n\n"
         f"**Input:** float32 array (N, {d}) = (N, {dims}), pixels in [0, 1], row-major. "
         'Raw 0..255 pixels: params `{"uint8": true}`. '
         f"At most {MAX_ROWS} rows a request (`VAE_MAX_ROWS` where it is served).\n\n"
-        f"**Output** (params `mode`): `encode` (N, {c.latent_dim}) posterior means "
-        f'(`"logvar": true`: (N, {2 * c.latent_dim}), means then log-variances); '
+        f"**Output** (params `mode`): `encode` (N, {c.code_dim}) posterior means "
+        f'(`"logvar": true`: (N, {2 * c.code_dim}), means then log-variances); '
         f"`reconstruct` (N, {d}) decoder means; `generate` (n, {d}) from the prior.\n\n"
         f"**Usage:**\n\n```python\n{usage_snippet(model_uri, shape)}```\n\n"
         f"**Source run:** `{run_id}`. Needs only `mlflow.pyfunc.get_model_dependencies`: the "

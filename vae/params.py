@@ -168,6 +168,11 @@ def _cross_checks(cfg: Config) -> None:
             "model.prior: 'vamp' has no per-dimension KL for train.free_bits to floor; "
             "set train.free_bits: 0.0"
         )
+    if cfg.model.latent_layers == 2 and tc.free_bits:
+        raise ConfigError(
+            "model.latent_layers: 2 has no per-dimension KL for train.free_bits to floor; "
+            "set train.free_bits: 0.0"
+        )
     for key in ("experiment", "registered_model"):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):
             raise ConfigError(

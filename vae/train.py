@@ -245,7 +245,7 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
         if cfg.data.binarize == "dynamic":
             u = torch.rand(shape, generator=run.noise_gen, device=device)[shard]
         eps = draw_eps(
-            (idx.shape[0], cfg.model.latent_dim), tc.objective, tc.iw_k, run.noise_gen, device
+            (idx.shape[0], cfg.model.code_dim), tc.objective, tc.iw_k, run.noise_gen, device
         )
         idx = idx[shard]
         x = batch_to_float(split.images[idx], cfg.data.binarize, uniform=u)
