@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,8 +10,10 @@ import pytest
 import torch
 from torch import distributions as D
 
-from tests.test_train import _splits, prepared  # noqa: F401  (the fixture)
+from tests.conftest import write_params
+from tests.test_train import prepared  # noqa: F401  (the fixture)
 from vae.checkpoint import load_model
+from vae.cli import main
 from vae.config import ConfigError, EvaluateConfig, ModelConfig
 from vae.consume import LoadedModel
 from vae.evaluate import evaluate
@@ -19,7 +22,7 @@ from vae.losses import iwae_bound, negative_elbo
 from vae.model import VAE
 from vae.params import load_params, parse_params
 from vae.pyfunc import save_vae_dir
-from vae.train import train
+from vae.sampler import load_sampler
 
 SHAPE = (1, 4, 4)
 
@@ -132,12 +135,18 @@ def test_params_refuse_a_third_layer_and_free_bits() -> None:
         assert all(w in str(err.value) for w in words), str(err.value)
 
 
-def test_two_layers_train_on_real_splits(prepared: Path, tmp_path: Path) -> None:  # noqa: F811
-    base = load_params("params.yaml").to_dict()
-    base["model"]["latent_layers"] = 2
-    base["train"]["epochs"] = 4
-    cfg = parse_params(base)
-    result = train(cfg, *_splits(prepared), out_dir=tmp_path)
-    assert result.history[-1]["val_nelbo"] < result.history[0]["val_nelbo"]
-    model, _ = load_model(tmp_path / "model.pt", expected=cfg.model)
+@pytest.mark.slow
+def test_two_layers_through_every_stage(prepared: Path) -> None:  # noqa: F811
+    """train, evaluate, export, generate (mixture sampler), classify and score, on tiny data."""
+    write_params(Path("params.yaml"), model={"latent_layers": 2})
+    for stage in ("train", "evaluate", "export", "generate", "classify", "score"):
+        assert main(["-q", stage]) == 0, stage
+    model, _ = load_model("models/model.pt", expected=load_params().model)
     assert isinstance(model.prior(), HierarchicalPrior)
+    ev = json.loads(Path("metrics/eval.json").read_text())
+    assert len(ev["kl_per_layer"]) == 2 and len(ev["active_units_per_layer"]) == 2
+    assert json.loads(Path("metrics/downstream.json").read_text())["latent_dim"] == 8
+    _, mixture = load_sampler("models/sampler.safetensors")
+    assert mixture.sample(3).shape == (3, 8)  # fitted to the whole code [z1, z2]
+    sets = json.loads(Path("metrics/quality.json").read_text())["sets"]
+    assert all(math.isfinite(m["fid"]) for m in sets.values())
