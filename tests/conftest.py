@@ -29,8 +29,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "binarize": "dynamic", "seed": 0},
-    "model": {"arch": "mlp", "latent_dim": 4, "hidden_dim": 32},
-    "train": {"epochs": 2, "batch_size": 32, "lr": 0.003, "seed": 0, "device": "cpu"},
+    "model": {"arch": "mlp", "latent_dim": 4, "hidden_dim": 32, "hidden_layers": 1},
+    "train": {
+        "epochs": 2,
+        "batch_size": 32,
+        "lr": 0.003,
+        "seed": 0,
+        "device": "cpu",
+        "ema_decay": 0.0,
+        "grad_clip": 0.0,
+    },
     "evaluate": {"iw_samples": 8, "batch_size": 50},
     "export": {"batch_size": 64, "knn_k": 3, "probe_max_iter": 200},
     "generate": {
@@ -291,10 +299,17 @@ def post_json(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read() or b"{}")
 
 
+def mlp_config(**model: Any):
+    """A ModelConfig of the one-hidden-layer MLP (the small model the unit tests use), whatever
+    params.yaml's defaults are; ``model`` overrides any key."""
+    from vae.config import ModelConfig
+
+    return ModelConfig(**{"arch": "mlp", "hidden_layers": 1, **model})
+
+
 def tiny_vae(latent_dim: int = 3, hidden_dim: int = 16, shape: tuple[int, ...] = (1, 28, 28)):
     """A seeded, untrained MLP VAE: enough for anything that only loads, logs or encodes."""
-    from vae.config import ModelConfig
     from vae.model import VAE
 
     torch.manual_seed(0)
-    return VAE(ModelConfig(latent_dim=latent_dim, hidden_dim=hidden_dim), shape).eval()
+    return VAE(mlp_config(latent_dim=latent_dim, hidden_dim=hidden_dim), shape).eval()

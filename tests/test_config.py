@@ -95,6 +95,10 @@ def test_saved_model_config_keeps_its_old_meaning() -> None:
     assert ModelConfig.from_saved(old).activation == "relu"
     assert ModelConfig.from_saved({**old, "activation": "silu"}).activation == "silu"
     assert ModelConfig().activation == "leaky_relu"  # the default for new models
+    # keys added later describe the model as it was, not today's defaults for new models
+    legacy = ModelConfig.from_saved(old)
+    assert (legacy.hidden_layers, legacy.prior, legacy.latent_layers) == (1, "standard", 1)
+    assert ModelConfig().hidden_layers == 2
 
 
 SHIPPED = (REPO / "params.yaml").read_text()
@@ -108,10 +112,10 @@ CRON = '"0 3 * * 1"'
         ("prepare", "# nothing but a comment\n", ["holds no params"]),
         ("train", "train:\n  epochs: 3\n", ["section 'data' is missing"]),
         ("train", SHIPPED + "train:\n  epochs: 3\n", ["line ", "'train' is duplicated"]),
-        ("ingest", SHIPPED.replace("epochs: 30", "epochs: 3\n  epochs: 4"), ["'epochs'"]),
+        ("ingest", SHIPPED.replace("epochs: 80", "epochs: 3\n  epochs: 4"), ["'epochs'"]),
         ("train", SHIPPED.replace(CRON, '"99 99 * * *"'), ["line ", "schedule.cron"]),
         ("prepare", SHIPPED.replace(CRON, '"0 0 30 2 *"'), ["never fires"]),
-        ("evaluate", SHIPPED.replace("epochs: 30", "epochs: -1"), ["line ", "train.epochs"]),
+        ("evaluate", SHIPPED.replace("epochs: 80", "epochs: -1"), ["line ", "train.epochs"]),
         ("train", SHIPPED.replace("device: auto", "device: cuda"), ["train.device", "CUDA"]),
         ("register", SHIPPED.replace("device: auto", "device: cuda:7"), ["train.device"]),
     ],
@@ -129,7 +133,7 @@ def test_every_bad_params_file_exits_2_naming_the_file_and_writes_nothing(
     if "cuda" in text.split("device:")[-1][:10] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(tmp_path)
-    assert "epochs: 30" in SHIPPED and CRON in SHIPPED and "device: auto" in SHIPPED
+    assert "epochs: 80" in SHIPPED and CRON in SHIPPED and "device: auto" in SHIPPED
     (tmp_path / "params.yaml").write_text(text)
     assert main([command]) == 2
     err = capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
+from tests.conftest import mlp_config
 from vae.config import EvaluateConfig, ModelConfig
 from vae.distributions import DiagonalGaussian, GaussianLikelihood, Likelihood, StandardNormal
 from vae.evaluate import active_units, evaluate, iwae_log_likelihood
@@ -199,7 +200,7 @@ def test_metrics_of_a_trained_vae(trained: tuple[VAE, torch.Tensor]) -> None:
 
 def test_gaussian_bits_per_dim_adds_the_discretisation_term() -> None:
     torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim=3, hidden_dim=16, likelihood="gaussian"), (1, 4, 4))
+    model = VAE(mlp_config(latent_dim=3, hidden_dim=16, likelihood="gaussian"), (1, 4, 4))
     x = torch.rand(10, 1, 4, 4, generator=_gen())
     m = evaluate(model, x, EvaluateConfig(iw_samples=4, batch_size=4))
     d = 16

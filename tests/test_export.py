@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from vae.config import ExportConfig, ModelConfig
+from tests.conftest import mlp_config
+from vae.config import ExportConfig
 from vae.data import Split, float_images
 from vae.export import (
     downstream_metrics,
@@ -25,7 +26,7 @@ CFG = ExportConfig(batch_size=7, knn_k=3, probe_max_iter=200)
 
 def _model(latent_dim: int = 3, seed: int = 0) -> VAE:
     torch.manual_seed(seed)
-    return VAE(ModelConfig(latent_dim=latent_dim, hidden_dim=16), image_shape=SHAPE)
+    return VAE(mlp_config(latent_dim=latent_dim, hidden_dim=16), image_shape=SHAPE)
 
 
 def _bars(n: int, seed: int, n_classes: int = 4) -> Split:

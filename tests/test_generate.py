@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from vae.config import GenerateConfig, ModelConfig
+from tests.conftest import mlp_config
+from vae.config import GenerateConfig
 from vae.data import Split
 from vae.generate import generate, interleave_rows, interpolate, latent_coords, pca_2d
 from vae.model import VAE
@@ -22,7 +23,7 @@ NAMES = {"samples", "samples_stochastic", "reconstructions", "interpolations", "
 
 def _model(latent_dim: int = 3, likelihood: str = "bernoulli") -> VAE:
     torch.manual_seed(0)
-    cfg = ModelConfig(latent_dim=latent_dim, hidden_dim=16, likelihood=likelihood)
+    cfg = mlp_config(latent_dim=latent_dim, hidden_dim=16, likelihood=likelihood)
     return VAE(cfg, image_shape=SHAPE)
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import distributions as D
 
-from tests.conftest import write_params
+from tests.conftest import mlp_config, write_params
 from tests.test_train import prepared  # noqa: F401  (the fixture)
 from vae.checkpoint import load_model
 from vae.cli import main
-from vae.config import ConfigError, EvaluateConfig, ModelConfig
+from vae.config import ConfigError, EvaluateConfig
 from vae.consume import LoadedModel
 from vae.evaluate import evaluate
 from vae.hierarchy import HierarchicalPosterior, HierarchicalPrior
@@ -29,7 +29,7 @@ SHAPE = (1, 4, 4)
 
 def _vae(**model: object) -> VAE:
     torch.manual_seed(0)
-    return VAE(ModelConfig(latent_dim=3, hidden_dim=8, latent_layers=2, **model), SHAPE)
+    return VAE(mlp_config(latent_dim=3, hidden_dim=8, latent_layers=2, **model), SHAPE)
 
 
 def _batch(n: int = 6) -> torch.Tensor:
@@ -102,7 +102,7 @@ def test_evaluation_reports_each_layer() -> None:
     assert len(m["kl_per_layer"]) == 2 and math.fsum(m["kl_per_layer"]) == pytest.approx(m["kl"])
     assert m["active_units_per_layer"] == [3, 3] and m["active_units"] == 6
     assert m["nll_iw"] <= -m["elbo"]
-    one = evaluate(VAE(ModelConfig(latent_dim=3), SHAPE), x, EvaluateConfig(iw_samples=4))
+    one = evaluate(VAE(mlp_config(latent_dim=3), SHAPE), x, EvaluateConfig(iw_samples=4))
     assert one["kl_per_layer"] is None and one["active_units_per_layer"] is None
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vae.config import ModelConfig
+from tests.conftest import mlp_config
 from vae.distributions import (
     BernoulliLikelihood,
     DiagonalGaussian,
@@ -93,7 +93,7 @@ def test_kl_warmup_schedule_boundaries() -> None:
 
 def _tiny_model(**overrides: object) -> VAE:
     torch.manual_seed(0)
-    cfg = ModelConfig(latent_dim=3, hidden_dim=16, **overrides)  # type: ignore[arg-type]
+    cfg = mlp_config(latent_dim=3, hidden_dim=16, **overrides)  # type: ignore[arg-type]
     return VAE(cfg, (1, 6, 6))
 
 
@@ -159,7 +159,7 @@ def test_free_bits_floor_each_dimension() -> None:
 )
 def test_model_shapes_and_generation(overrides: dict) -> None:
     torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim=3, hidden_dim=16, **overrides), (1, 8, 8))
+    model = VAE(mlp_config(latent_dim=3, hidden_dim=16, **overrides), (1, 8, 8))
     x = torch.rand(5, 1, 8, 8)
     out = model(x, torch.Generator().manual_seed(0))
     assert out.posterior.mean.shape == (5, 3) and out.z.shape == (5, 3)
@@ -175,7 +175,7 @@ def test_model_shapes_and_generation(overrides: dict) -> None:
 
 def _tiny_model_and_batch() -> tuple[VAE, torch.Tensor]:
     torch.manual_seed(0)
-    model = VAE(ModelConfig(latent_dim=3, hidden_dim=8), (1, 4, 4))
+    model = VAE(mlp_config(latent_dim=3, hidden_dim=8), (1, 4, 4))
     x = torch.bernoulli(torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
     return model, x
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import distributions as D
 
-from vae.config import EvaluateConfig, ModelConfig
+from tests.conftest import mlp_config
+from vae.config import EvaluateConfig
 from vae.distributions import DiagonalGaussian, VampPrior
 from vae.evaluate import evaluate
 from vae.losses import iwae_bound, negative_elbo
@@ -21,7 +22,7 @@ SHAPE = (1, 4, 4)
 
 def _vae(**model: object) -> VAE:
     torch.manual_seed(0)
-    return VAE(ModelConfig(latent_dim=3, hidden_dim=8, **model), SHAPE)
+    return VAE(mlp_config(latent_dim=3, hidden_dim=8, **model), SHAPE)
 
 
 def _batch(n: int = 6) -> torch.Tensor:

@@ -9,10 +9,10 @@ import torch
 
 import vae.checkpoint
 import vae.train
-from tests.conftest import write_params
+from tests.conftest import mlp_config, write_params
 from vae.checkpoint import CheckpointError, load_checkpoint, load_model
 from vae.cli import main
-from vae.config import ConfigError, ModelConfig
+from vae.config import ConfigError
 from vae.data import load_split
 from vae.losses import LossTerms
 from vae.params import load_params, parse_params
@@ -186,7 +186,7 @@ def test_corrupt_checkpoint_is_a_clear_error(prepared: Path, capsys: pytest.Capt
     assert main(["-q", "train"]) == 1
     assert "corrupt or truncated checkpoint" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="trained with other params"):
-        load_model("models/model.pt", expected=ModelConfig(latent_dim=5, hidden_dim=32))
+        load_model("models/model.pt", expected=mlp_config(latent_dim=5, hidden_dim=32))
 
 
 def test_changed_training_code_starts_from_scratch(

@@ -53,14 +53,23 @@ class DataConfig:
     seed: int = field(default=0, metadata=_range(ge=0))
 
 
+# What a saved model meant by a key that did not exist when it was saved.
+_BEFORE_THE_KEY = {
+    "activation": "relu",
+    "hidden_layers": 1,
+    "prior": "standard",
+    "latent_layers": 1,
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs;
     # resnet: residual conv encoder/decoder (vae/resnet.py), conv_channels wide, H, W % 4 == 0.
-    arch: Literal["mlp", "gated_mlp", "conv", "resnet"] = "mlp"
-    latent_dim: int = field(default=32, metadata=_range(ge=1, le=4096))
-    hidden_dim: int = field(default=400, metadata=_range(ge=1, le=65536))
-    hidden_layers: int = field(default=1, metadata=_range(ge=1, le=16))  # mlp and gated_mlp
+    arch: Literal["mlp", "gated_mlp", "conv", "resnet"] = "gated_mlp"
+    latent_dim: int = field(default=40, metadata=_range(ge=1, le=4096))
+    hidden_dim: int = field(default=300, metadata=_range(ge=1, le=65536))
+    hidden_layers: int = field(default=2, metadata=_range(ge=1, le=16))  # mlp and gated_mlp
     conv_channels: int = field(default=32, metadata=_range(ge=1, le=1024))
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     # Gaussian decoder only: one learned log-variance per pixel, or one shared by all pixels.
@@ -84,13 +93,14 @@ class ModelConfig:
 
     @classmethod
     def from_saved(cls, saved: dict[str, Any]) -> ModelConfig:
-        """The config of a saved model; keys added since it was saved keep their old meaning."""
-        return cls(**{"activation": "relu", **saved})  # models saved before `activation` existed
+        """The config of a saved model; keys added since it was saved keep their old meaning
+        (the model they describe), whatever the defaults of new models are now."""
+        return cls(**{**_BEFORE_THE_KEY, **saved})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=30, metadata=_range(ge=1, le=100000))
+    epochs: int = field(default=80, metadata=_range(ge=1, le=100000))
     batch_size: int = field(default=256, metadata=_range(ge=1))
     lr: float = field(default=3e-3, metadata=_range(gt=0.0, le=10.0))
     # The fraction of the run's last steps over which the lr falls (half-cosine) from `lr` to 0;
@@ -102,12 +112,13 @@ class TrainConfig:
     kl_warmup_steps: int = field(default=0, metadata=_range(ge=0))
     # Free bits: each latent dimension's batch-mean KL is floored at this many nats (0 = off).
     free_bits: float = field(default=0.0, metadata=_range(ge=0.0))
-    grad_clip: float = field(default=0.0, metadata=_range(ge=0.0))
+    # The max gradient norm (0 = off); typical norms are 20-80, so 200 only catches spikes.
+    grad_clip: float = field(default=200.0, metadata=_range(ge=0.0))
     # elbo: minimise -ELBO; iwae: minimise -L_K, the importance-weighted bound with K = iw_k.
     objective: Literal["elbo", "iwae"] = "elbo"
     iw_k: int = field(default=5, metadata=_range(ge=1, le=10000))
     # An exponential moving average of the weights (0 = off), validated, kept and registered.
-    ema_decay: float = field(default=0.0, metadata=_range(ge=0.0, lt=1.0))
+    ema_decay: float = field(default=0.999, metadata=_range(ge=0.0, lt=1.0))
     seed: int = field(default=0, metadata=_range(ge=0))
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
