@@ -234,6 +234,7 @@ def test_fresh_process_consumer(local: tuple[Path, str], tmp_path: Path) -> None
             "vae",
             "vae.config",
             "vae.distributions",
+            "vae.hierarchy",
             "vae.layers",
             "vae.model",
             "vae.pyfunc",
