@@ -519,6 +519,7 @@ def run_rows(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
         "latent_dim": 20,
         "hidden_dim": 400,
         "hidden_layers": 1,
+        "prior": "standard",
         "likelihood": "bernoulli",
         "activation": "relu",
     }
@@ -530,7 +531,7 @@ def run_rows(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             "train": {
                 **train,
                 **{"batch_size": 128, "lr": 1e-3, "lr_decay": 0.0, "ema_decay": 0.0},
-                "grad_clip": 0.0,
+                **{"grad_clip": 0.0, "kl_warmup_steps": 0},
             },
         },
         "c": {**common, "train": train},

@@ -29,7 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "binarize": "dynamic", "seed": 0},
-    "model": {"arch": "mlp", "latent_dim": 4, "hidden_dim": 32, "hidden_layers": 1},
+    "model": {
+        "arch": "mlp",
+        "latent_dim": 4,
+        "hidden_dim": 32,
+        "hidden_layers": 1,
+        "prior": "standard",
+    },
     "train": {
         "epochs": 2,
         "batch_size": 32,
@@ -38,6 +44,7 @@ TINY_PARAMS = {
         "device": "cpu",
         "ema_decay": 0.0,
         "grad_clip": 0.0,
+        "kl_warmup_steps": 0,
     },
     "evaluate": {"iw_samples": 8, "batch_size": 50},
     "export": {"batch_size": 64, "knn_k": 3, "probe_max_iter": 200},
@@ -47,6 +54,7 @@ TINY_PARAMS = {
         "n_reconstructions": 8,
         "n_interpolations": 2,
         "interpolation_steps": 5,
+        "sampler": "gmm",  # the path with a fitted mixture, the longer one
     },
     "score": {
         "n_samples": 40,
@@ -304,7 +312,7 @@ def mlp_config(**model: Any):
     params.yaml's defaults are; ``model`` overrides any key."""
     from vae.config import ModelConfig
 
-    return ModelConfig(**{"arch": "mlp", "hidden_layers": 1, **model})
+    return ModelConfig(**{"arch": "mlp", "hidden_layers": 1, "prior": "standard", **model})
 
 
 def tiny_vae(latent_dim: int = 3, hidden_dim: int = 16, shape: tuple[int, ...] = (1, 28, 28)):

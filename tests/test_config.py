@@ -112,10 +112,10 @@ CRON = '"0 3 * * 1"'
         ("prepare", "# nothing but a comment\n", ["holds no params"]),
         ("train", "train:\n  epochs: 3\n", ["section 'data' is missing"]),
         ("train", SHIPPED + "train:\n  epochs: 3\n", ["line ", "'train' is duplicated"]),
-        ("ingest", SHIPPED.replace("epochs: 80", "epochs: 3\n  epochs: 4"), ["'epochs'"]),
+        ("ingest", SHIPPED.replace("epochs: 70", "epochs: 3\n  epochs: 4"), ["'epochs'"]),
         ("train", SHIPPED.replace(CRON, '"99 99 * * *"'), ["line ", "schedule.cron"]),
         ("prepare", SHIPPED.replace(CRON, '"0 0 30 2 *"'), ["never fires"]),
-        ("evaluate", SHIPPED.replace("epochs: 80", "epochs: -1"), ["line ", "train.epochs"]),
+        ("evaluate", SHIPPED.replace("epochs: 70", "epochs: -1"), ["line ", "train.epochs"]),
         ("train", SHIPPED.replace("device: auto", "device: cuda"), ["train.device", "CUDA"]),
         ("register", SHIPPED.replace("device: auto", "device: cuda:7"), ["train.device"]),
     ],
@@ -133,7 +133,7 @@ def test_every_bad_params_file_exits_2_naming_the_file_and_writes_nothing(
     if "cuda" in text.split("device:")[-1][:10] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(tmp_path)
-    assert "epochs: 80" in SHIPPED and CRON in SHIPPED and "device: auto" in SHIPPED
+    assert "epochs: 70" in SHIPPED and CRON in SHIPPED and "device: auto" in SHIPPED
     (tmp_path / "params.yaml").write_text(text)
     assert main([command]) == 2
     err = capsys.readouterr().err

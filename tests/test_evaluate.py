@@ -12,7 +12,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from tests.conftest import mlp_config
-from vae.config import EvaluateConfig, ModelConfig
+from vae.config import EvaluateConfig
 from vae.distributions import DiagonalGaussian, GaussianLikelihood, Likelihood, StandardNormal
 from vae.evaluate import active_units, evaluate, iwae_log_likelihood
 from vae.losses import negative_elbo
@@ -148,7 +148,7 @@ def trained() -> tuple[VAE, torch.Tensor]:
     x = patterns[torch.randint(0, 4, (256,), generator=g)]
     x = (x + (torch.rand(x.shape, generator=g) < 0.05).float()) % 2  # flip 5% of pixels
     torch.manual_seed(0)
-    model = VAE(ModelConfig(arch="mlp", latent_dim=4, hidden_dim=32), (1, 8, 8))
+    model = VAE(mlp_config(latent_dim=4, hidden_dim=32), (1, 8, 8))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(300):
         batch = x[(step * 64) % 256 :][:64]

@@ -127,7 +127,11 @@ def test_params_refuse_a_third_layer_and_free_bits() -> None:
     base = load_params("params.yaml").to_dict()
     for model, train_, words in (
         ({"latent_layers": 3}, {}, ["model.latent_layers", "<= 2"]),
-        ({"latent_layers": 2}, {"free_bits": 0.5}, ["model.latent_layers", "free_bits"]),
+        (
+            {"latent_layers": 2, "prior": "standard"},
+            {"free_bits": 0.5},
+            ["model.latent_layers", "free_bits"],
+        ),
     ):
         raw = {**base, "model": {**base["model"], **model}, "train": {**base["train"], **train_}}
         with pytest.raises(ConfigError) as err:

@@ -191,6 +191,25 @@ def test_iwae_with_one_sample_is_the_monte_carlo_elbo_of_that_sample() -> None:
     torch.testing.assert_close(terms.elbo, by_hand.mean())
 
 
+def test_iwae_warm_up_anneals_the_weights_and_ends_at_the_bound() -> None:
+    model, x = _tiny_model_and_batch()
+    eps = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(4))
+    out = model(x, eps=eps)
+    q = model.encode(x)
+    z = q.mean + q.std * eps  # (K, B, D)
+    log_px_z = model.decode(z).log_prob(x)
+    log_ratio = standard_normal_log_prob(z) - q.log_prob(z)
+    for w in (0.0, 0.3):
+        annealed = torch.logsumexp(log_px_z + w * log_ratio, 0) - math.log(4)
+        terms = iwae_bound(x, out, kl_weight=w)
+        torch.testing.assert_close(-terms.loss, annealed.mean())
+        torch.testing.assert_close(terms.elbo, (log_px_z + log_ratio).mean())  # unweighted
+    torch.testing.assert_close(iwae_bound(x, out, kl_weight=1.0).loss, iwae_bound(x, out).loss)
+    # with one sample, the annealed bound is the one-sample ELBO with its KL term weighted
+    one = iwae_bound(x, model(x, eps=eps[:1]), kl_weight=0.3)
+    torch.testing.assert_close(-one.loss, (log_px_z[0] + 0.3 * log_ratio[0]).mean())
+
+
 def test_iwae_bound_is_the_log_mean_weight_and_tightens_the_elbo() -> None:
     model, x = _tiny_model_and_batch()
     eps = torch.randn(50, 5, 3, generator=torch.Generator().manual_seed(3))

@@ -80,8 +80,8 @@ class ModelConfig:
     activation: Literal["relu", "leaky_relu", "silu"] = "leaky_relu"
     # p(z): standard is N(0, I); vamp is the VampPrior, a mixture of the posteriors of
     # `pseudo_inputs` learned images (its KL is estimated by Monte Carlo).
-    prior: Literal["standard", "vamp"] = "standard"
-    pseudo_inputs: int = field(default=500, metadata=_range(ge=1, le=100000))
+    prior: Literal["standard", "vamp"] = "vamp"
+    pseudo_inputs: int = field(default=100, metadata=_range(ge=1, le=100000))
     # 2: a second stochastic layer, top-down (vae/hierarchy.py); z is then [z1, z2], each
     # latent_dim wide.
     latent_layers: int = field(default=1, metadata=_range(ge=1, le=2))
@@ -100,7 +100,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = field(default=80, metadata=_range(ge=1, le=100000))
+    epochs: int = field(default=70, metadata=_range(ge=1, le=100000))
     batch_size: int = field(default=256, metadata=_range(ge=1))
     lr: float = field(default=3e-3, metadata=_range(gt=0.0, le=10.0))
     # The fraction of the run's last steps over which the lr falls (half-cosine) from `lr` to 0;
@@ -109,7 +109,8 @@ class TrainConfig:
     lr_decay: float = field(default=0.2, metadata=_range(ge=0.0, le=1.0))
     beta: float = field(default=1.0, metadata=_range(ge=0.0))
     # The KL weight rises linearly from 0 to `beta` over this many optimiser steps (0 = off).
-    kl_warmup_steps: int = field(default=0, metadata=_range(ge=0))
+    # Units that the full KL switches off early rarely come back; the warm-up keeps more of them.
+    kl_warmup_steps: int = field(default=4000, metadata=_range(ge=0))
     # Free bits: each latent dimension's batch-mean KL is floored at this many nats (0 = off).
     free_bits: float = field(default=0.0, metadata=_range(ge=0.0))
     # The max gradient norm (0 = off); typical norms are 20-80, so 200 only catches spikes.
@@ -153,9 +154,9 @@ class GenerateConfig:
     n_reconstructions: int = field(default=16, metadata=_range(ge=1, le=10000))
     n_interpolations: int = field(default=8, metadata=_range(ge=1, le=1000))
     interpolation_steps: int = field(default=10, metadata=_range(ge=2, le=1000))
-    # Where new images start: the prior N(0, I), or a Gaussian mixture of gmm_components fitted
+    # Where new images start: the prior p(z), or a Gaussian mixture of gmm_components fitted
     # to the training set's posterior means (the registered model samples the same one).
-    sampler: Literal["prior", "gmm"] = "gmm"
+    sampler: Literal["prior", "gmm"] = "prior"
     gmm_components: int = field(default=10, metadata=_range(ge=1, le=1000))
     seed: int = field(default=0, metadata=_range(ge=0))
 

@@ -158,10 +158,10 @@ def _cross_checks(cfg: Config) -> None:
             "data.binarize: 'none'"
         )
     tc = cfg.train
-    if tc.objective == "iwae" and (tc.beta != 1.0 or tc.kl_warmup_steps or tc.free_bits):
+    if tc.objective == "iwae" and (tc.beta != 1.0 or tc.free_bits):
         raise ConfigError(
-            "train.objective: 'iwae' weights no KL term, so it takes no train.beta, "
-            "train.kl_warmup_steps or train.free_bits; set them to 1.0, 0 and 0.0"
+            "train.objective: 'iwae' is a bound on log p(x) with no KL term to reweight or floor, "
+            "so it takes no train.beta or train.free_bits; set them to 1.0 and 0.0"
         )
     if cfg.model.prior == "vamp" and tc.free_bits:
         raise ConfigError(
