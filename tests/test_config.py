@@ -74,6 +74,12 @@ def test_gaussian_with_continuous_pixels_is_fine() -> None:
     assert cfg.model.likelihood == "gaussian"
 
 
+def test_iwae_takes_the_default_kl_warm_up() -> None:
+    """The shipped warm-up anneals the iwae weights, so -S train.objective=iwae alone is valid."""
+    cfg = parse_params({"train": {"objective": "iwae"}})
+    assert cfg.train.objective == "iwae" and cfg.train.kl_warmup_steps > 0
+
+
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text("train:\n  epochs: 3\n  lr: [0.1\nmodel: {}\n")
     with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+"):

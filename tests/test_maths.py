@@ -16,7 +16,7 @@ from vae.distributions import (
     GaussianLikelihood,
     standard_normal_log_prob,
 )
-from vae.losses import iwae_bound, kl_weight, negative_elbo
+from vae.losses import iwae_bound, kl_weight, negative_elbo, objective_terms
 from vae.model import VAE
 from vae.train import lr_at
 
@@ -205,6 +205,10 @@ def test_iwae_warm_up_anneals_the_weights_and_ends_at_the_bound() -> None:
         torch.testing.assert_close(-terms.loss, annealed.mean())
         torch.testing.assert_close(terms.elbo, (log_px_z + log_ratio).mean())  # unweighted
     torch.testing.assert_close(iwae_bound(x, out, kl_weight=1.0).loss, iwae_bound(x, out).loss)
+    # the training step's dispatcher passes the warm-up weight on
+    torch.testing.assert_close(
+        objective_terms(x, out, "iwae", 0.3).loss, iwae_bound(x, out, 0.3).loss
+    )
     # with one sample, the annealed bound is the one-sample ELBO with its KL term weighted
     one = iwae_bound(x, model(x, eps=eps[:1]), kl_weight=0.3)
     torch.testing.assert_close(-one.loss, (log_px_z[0] + 0.3 * log_ratio[0]).mean())
