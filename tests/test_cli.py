@@ -44,3 +44,36 @@ def test_log_lines_off_a_terminal_carry_time_and_level(
     assert lines
     stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
     assert all(stamp.match(line) for line in lines), lines
+
+
+def test_stage_commands_run_the_code_of_their_own_copy(tmp_path: Path) -> None:
+    """A --temp or queued `dvc exp run` runs each stage in a copy of the project. The stage must
+    import that copy's vae/ (the code its dvc.lock hashes), not the editable install's, which
+    points at the workspace and may have changed since the experiment started."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import REPO, subprocess_env
+
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "vae", copy / "vae", ignore=shutil.ignore_patterns("__pycache__"))
+    marker = tmp_path / "imported_from"
+    mark = "import os as _o\n_o.environ.get('VAE_MARK') and open(_o.environ['VAE_MARK'], 'w')"
+    with (copy / "vae" / "__init__.py").open("a") as f:
+        f.write(f"\n{mark}.write(__file__)\n")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        marker.unlink(missing_ok=True)
+        done = subprocess.run(
+            f"{stage['cmd']} --help",
+            shell=True,
+            cwd=copy,
+            env=subprocess_env(VAE_MARK=str(marker)),
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr
+        assert marker.is_file(), f"{name}: `{stage['cmd']}` imported vae/ from {vae.__file__}"
+        assert Path(marker.read_text()) == copy / "vae" / "__init__.py", name

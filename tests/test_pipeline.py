@@ -74,7 +74,7 @@ def test_repo_dvc_yaml_has_the_stage_chain() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(stages) == STAGES
     for name, stage in stages.items():
-        assert stage["cmd"] == f"vae {name}"
+        assert stage["cmd"] == f"python -m vae {name}"
         for dep in stage["deps"]:
             assert (REPO / dep).exists() or not dep.startswith("vae/"), dep
 
