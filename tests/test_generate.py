@@ -46,7 +46,7 @@ def _grid_size(n: int, nrow: int, side: int = 8, pad: int = 2) -> tuple[int, int
 
 
 def test_generate_writes_five_pngs_of_the_expected_sizes(tmp_path: Path) -> None:
-    paths = generate(_model(), _test_split(), "none", CFG, tmp_path)
+    paths = generate(_model(), _test_split(), CFG, tmp_path)
     assert set(paths) == NAMES
     sizes = {}
     for name, path in paths.items():
@@ -63,18 +63,18 @@ def test_generate_writes_five_pngs_of_the_expected_sizes(tmp_path: Path) -> None
 
 def test_rerun_is_byte_identical_and_seed_matters(tmp_path: Path) -> None:
     model, test = _model(), _test_split()
-    a = generate(model, test, "dynamic", CFG, tmp_path / "a")
-    b = generate(model, test, "dynamic", CFG, tmp_path / "b")
+    a = generate(model, test, CFG, tmp_path / "a")
+    b = generate(model, test, CFG, tmp_path / "b")
     for name in NAMES:
         assert Path(a[name]).read_bytes() == Path(b[name]).read_bytes(), name
     other = GenerateConfig(**{**CFG.__dict__, "seed": 8})
-    c = generate(model, test, "dynamic", other, tmp_path / "c")
+    c = generate(model, test, other, tmp_path / "c")
     assert Path(a["samples"]).read_bytes() != Path(c["samples"]).read_bytes()
 
 
 def test_samples_are_the_decoder_mean_and_stochastic_ones_are_drawn(tmp_path: Path) -> None:
     model = _model()
-    paths = generate(model, _test_split(), "none", CFG, tmp_path)
+    paths = generate(model, _test_split(), CFG, tmp_path)
     gen = torch.Generator().manual_seed(CFG.seed)
     mean = model.generate(CFG.n_samples, gen, mean=True)  # z ~ N(0, I) from the same seed
     grid = make_grid(mean, nrow=CFG.nrow, padding=2).mul(255).add(0.5).clamp(0, 255)
@@ -87,7 +87,7 @@ def test_samples_are_the_decoder_mean_and_stochastic_ones_are_drawn(tmp_path: Pa
 
 def test_reconstructions_alternate_originals_and_decoder_means(tmp_path: Path) -> None:
     model, test = _model(), _test_split()
-    paths = generate(model, test, "none", CFG, tmp_path)
+    paths = generate(model, test, CFG, tmp_path)
     px = _pixels(paths["reconstructions"])[:, :, 0]  # (H, W), grey
     tiles = [
         px[2 + 10 * r : 10 + 10 * r, 2 + 10 * c : 10 + 10 * c] for r in range(4) for c in range(4)
@@ -112,7 +112,7 @@ def test_small_latents_and_gaussian_decoder(
     tmp_path: Path, latent_dim: int, likelihood: str
 ) -> None:
     test = _test_split(5)  # fewer images than the reconstructions and interpolations want
-    paths = generate(_model(latent_dim, likelihood), test, "none", CFG, tmp_path)
+    paths = generate(_model(latent_dim, likelihood), test, CFG, tmp_path)
     for path in paths.values():
         _pixels(path)
 

@@ -137,6 +137,29 @@ def test_dvc_hashes_the_data_and_the_run_carries_them(pipeline_repo: Path) -> No
     assert (root / "models" / "checkpoint.pt").is_file()
 
 
+def test_exported_embeddings_are_what_vae_encode_returns(
+    pipeline_repo: Path, tmp_path: Path
+) -> None:
+    """The data is binarized, yet a row of test.parquet is the champion's code for that image."""
+    from tests.conftest import idx_bytes
+    from vae.cli import main
+    from vae.data import load_split
+
+    root = pipeline_repo
+    images = load_split(root / "data/prepared/test.pt").images[:20]  # (20, 1, 28, 28) uint8
+    (tmp_path / "t.idx3-ubyte").write_bytes(idx_bytes(images[:, 0]))
+    out = tmp_path / "e.parquet"
+    store = f"sqlite:///{root / 'mlflow.db'}"
+    model = f"models:/{NAME}@champion"
+    args = ["encode", "--model", model, "--tracking-uri", store, str(tmp_path / "t.idx3-ubyte")]
+    assert main([*args, "--out", str(out)]) == 0
+    d = TINY_PARAMS["model"]["latent_dim"]
+    columns = [f"mu_{i}" for i in range(d)]
+    exported = pd.read_parquet(root / "data/embeddings/test.parquet")[columns].to_numpy()[:20]
+    encoded = pd.read_parquet(out)[columns].to_numpy()
+    assert abs(encoded - exported).max() < 1e-4
+
+
 def test_second_repro_changes_nothing(pipeline_repo: Path) -> None:
     out = dvc(pipeline_repo, "repro", env=_env())
     assert "up to date" in out.lower(), out

@@ -144,7 +144,7 @@ class ExportConfig:
     batch_size: int = field(default=1000, metadata=_range(ge=1))
     knn_k: int = field(default=5, metadata=_range(ge=1))
     probe_max_iter: int = field(default=1000, metadata=_range(ge=1))
-    seed: int = field(default=0, metadata=_range(ge=0))  # binarization of dynamic data
+    seed: int = field(default=0, metadata=_range(ge=0))  # the pixel baseline's binarization
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ For every split the posterior mean and log-variance of q(z|x) are written to
 ``label`` and ``mu_0..mu_{D-1}``, ``logvar_0..logvar_{D-1}`` (float32). Embeddings are the
 posterior *mean*, not a sample, so the table is deterministic.
 
+The images embedded are the grey pixels (0..255 / 255), also for a model trained on
+binarized pixels: that is what the registered model's consumers encode (``vae encode``, the
+pyfunc, Spark), so a row of the table is the vector they get for the same image. One random
+binarization would be worse: it throws away information the grey value holds, and an embedding
+of it carries that draw's noise (benchmarks/README.md, "Embeddings").
+
 Usefulness is measured on the test split by two classifiers trained on the train split: a
 linear probe (logistic regression on standardised features) and a k-nearest-neighbour vote.
 The same two classifiers on raw pixels give the baseline the latents should be compared with.
@@ -262,11 +268,11 @@ def export(
 ) -> dict[str, Any]:
     """Write ``out_dir/{split}.parquet`` for every split and return the downstream metrics.
 
-    Images are ``float_images(split, binarize, seed)``, so dynamic data is embedded as one
-    fixed, seeded binarization. Scores train on ``train`` and test on ``test`` (None when
-    either is missing or unlabelled): on the embeddings (mu) and, as the baselines, on the
-    pixels the model sees (``pixel_*``) and on the grey pixels before binarization
-    (``grey_pixel_*``), whose linear probes train on at most ``pixel_probe_max_rows`` rows.
+    The embedded images are the grey pixels (module docstring). Scores train on ``train`` and
+    test on ``test`` (None when either is missing or unlabelled): on the embeddings (mu) and, as
+    the baselines, on the pixels the model sees (``pixel_*``: for dynamic data one fixed
+    binarization seeded by ``seed``) and on the grey pixels (``grey_pixel_*``), whose linear
+    probes train on at most ``pixel_probe_max_rows`` rows.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -277,12 +283,12 @@ def export(
     rows: dict[str, int] = {}
     for name, split in splits.items():
         t0 = time.perf_counter()
-        x = float_images(split, binarize, seed)  # (N, C, H, W)
+        x = float_images(split, "none", seed)  # (N, C, H, W) grey, in [0, 1]
         mus[name], logvar = embed(model, x, cfg.batch_size)  # (N, D) each
         embed_s += time.perf_counter() - t0
         if name in ("train", "test"):
-            pixels[name] = x.flatten(1)
-            grey[name] = split.images.flatten(1).float() / 255.0
+            pixels[name] = float_images(split, binarize, seed).flatten(1)
+            grey[name] = x.flatten(1)
         t0 = time.perf_counter()
         frame = embeddings_frame(name, split.labels, mus[name], logvar)
         atomic_write_with(

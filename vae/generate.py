@@ -143,10 +143,8 @@ def _write_scatter(
 def generate(
     model: VAE,
     test: Split,
-    binarize: str,
     cfg: GenerateConfig,
     out_dir: Path,
-    test_embeddings_seed: int = 0,
     class_names: Sequence[str] | None = None,
     batch_size: int = 1000,
 ) -> dict[str, str]:
@@ -161,8 +159,8 @@ def generate(
       posterior means of two test images, ``cfg.interpolation_steps`` columns;
     - ``latent_2d``: the test set's posterior means (PCA to 2-D when latent_dim > 2).
 
-    Test images are ``float_images(test, binarize, test_embeddings_seed)``: with the export
-    seed, the scatter shows exactly the ``mu`` columns of ``test.parquet``.
+    Test images are their grey pixels, as ``vae export`` embeds them, so the scatter shows
+    exactly the ``mu`` columns of ``test.parquet``.
     """
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
@@ -176,7 +174,7 @@ def generate(
         x_sample = model.generate(cfg.n_samples, gen, mean=False)
         _write_grid(paths["samples_stochastic"], x_sample, cfg.nrow)
 
-        x = float_images(test, binarize, test_embeddings_seed)  # (N, C, H, W)
+        x = float_images(test, "none", 0)  # (N, C, H, W) grey, in [0, 1]
         mu, _ = embed(model, x, batch_size)  # (N, D) on the CPU
         n = x.shape[0]
         if n == 0:

@@ -242,7 +242,6 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     paths = generate(
         model,
         load_split(prepared / "test.pt", device),
-        cfg.data.binarize,
         cfg.generate,
         Path(args.out),
         class_names=manifest.get("classes"),
