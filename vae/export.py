@@ -30,7 +30,7 @@ import torch
 
 from vae.atomic import atomic_write_with
 from vae.config import ExportConfig
-from vae.data import Split, float_images
+from vae.data import Split, batch_to_float, float_images
 from vae.model import VAE, embed
 
 if TYPE_CHECKING:
@@ -283,12 +283,14 @@ def export(
     rows: dict[str, int] = {}
     for name, split in splits.items():
         t0 = time.perf_counter()
-        x = float_images(split, "none", seed)  # (N, C, H, W) grey, in [0, 1]
+        x = batch_to_float(split.images, "none")  # (N, C, H, W) grey, in [0, 1]
         mus[name], logvar = embed(model, x, cfg.batch_size)  # (N, D) each
         embed_s += time.perf_counter() - t0
         if name in ("train", "test"):
-            pixels[name] = float_images(split, binarize, seed).flatten(1)
             grey[name] = x.flatten(1)
+            # without binarization the model sees the grey pixels: no second copy
+            seen = x if binarize == "none" else float_images(split, binarize, seed)
+            pixels[name] = seen.flatten(1)
         t0 = time.perf_counter()
         frame = embeddings_frame(name, split.labels, mus[name], logvar)
         atomic_write_with(

@@ -16,7 +16,7 @@ import torch
 
 from vae.atomic import atomic_write_with
 from vae.config import GenerateConfig
-from vae.data import Split, float_images
+from vae.data import Split, batch_to_float, float_images
 from vae.model import VAE, embed, eval_mode
 from vae.sampler import GaussianMixture, fit_gmm
 
@@ -174,7 +174,7 @@ def generate(
         x_sample = model.generate(cfg.n_samples, gen, mean=False)
         _write_grid(paths["samples_stochastic"], x_sample, cfg.nrow)
 
-        x = float_images(test, "none", 0)  # (N, C, H, W) grey, in [0, 1]
+        x = batch_to_float(test.images, "none")  # (N, C, H, W) grey, in [0, 1]
         mu, _ = embed(model, x, batch_size)  # (N, D) on the CPU
         n = x.shape[0]
         if n == 0:
