@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_every_torch_load_is_weights_only() -> None:
     offenders = []
-    for path in [*REPO.glob("vae/*.py"), *REPO.glob("pipelines/*.py")]:
+    for path in [*REPO.glob("vae/**/*.py"), *REPO.glob("pipelines/**/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)
@@ -39,7 +39,7 @@ def test_every_torch_load_is_weights_only() -> None:
                     for k in node.keywords
                 )
                 if not ok:
-                    offenders.append(f"{path.name}:{node.lineno}")
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, f"torch.load without weights_only=True: {offenders}"
 
 
