@@ -36,7 +36,7 @@ dataset: install
 		echo "$$old: data/raw is now DVC's copy of data.source, and dvc repro replaces it."; \
 		echo "  Move your copy out first (mv $$old ~/datasets/) and set data.source to it."; \
 		exit 1; fi; done
-	@set -- $$(python -c "from vae.params import load_params; from vae.raw import DEBIAN_SOURCES as D; \
+	@set -- $$(python -c "from vae.params import load_params; from vae.data.raw import DEBIAN_SOURCES as D; \
 		s = load_params().data.source; print(s, next((p for d, p in D.values() if d == s), '-'))"); \
 	src=$$1; pkg=$$2; \
 	if [ -e "$$src" ]; then :; \
@@ -50,7 +50,7 @@ dataset: install
 		exit 1; \
 	fi
 
-# Spark (vae encode --engine spark, tests/test_spark.py) needs Java 17 or later. Like `dataset`,
+# Spark (vae encode --engine spark, tests/e2e/test_spark.py) needs Java 17 or later. Like `dataset`,
 # install Debian's JRE when apt can (as root or with password-less sudo); otherwise say what to do.
 # (The mkdir: slim Debian images lack man1, and the JRE's postinst fails without it.)
 .PHONY: java

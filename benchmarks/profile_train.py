@@ -1,4 +1,5 @@
-"""Where a training epoch's time goes: ``torch.profiler`` over the real ``vae.train.train``.
+"""Where a training epoch's time goes: ``torch.profiler`` over the real training loop
+(``vae.training.train.train``).
 
 Run it from the project root, after ``vae prepare`` has written ``data/prepared/``::
 
@@ -48,10 +49,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20, help="operators to list")
     args = p.parse_args()
 
-    from vae.data import load_split
-    from vae.distributed import select_device
+    from vae.data.splits import load_split
     from vae.params import parse_params
-    from vae.train import train
+    from vae.training.distributed import select_device
+    from vae.training.train import train
 
     if not (Path(args.data) / "manifest.json").exists():
         p.error(f"--data {args.data}: no prepared data; run `dvc repro prepare` first")
@@ -112,10 +113,10 @@ def _model_health(checkpoint: Path, train_split: Any) -> str:
     """Subnormal Adam moments (slow on x86) and encoder units that fire for no image."""
     import torch
 
-    from vae.checkpoint import load_checkpoint
     from vae.config import ModelConfig
-    from vae.data import batch_to_float
-    from vae.model import VAE
+    from vae.core.model import VAE
+    from vae.data.splits import batch_to_float
+    from vae.training.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     tiny = torch.finfo(torch.float32).tiny

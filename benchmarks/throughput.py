@@ -32,8 +32,8 @@ Rows:
     ``binary_cross_entropy(recon, x)`` + KL summed over the batch; ``train_loss +=
     loss.item()`` every step. Its progress print every 10 batches is left out (that only makes
     the reference slower). Instead of the classic's test pass, each epoch ends with the same
-    validation pass as ``vae.train`` (see "val -ELBO").
-(b) **ours, same recipe**: ``vae.train.train`` with ``parse_params`` of model 784-400-20 with
+    validation pass as ``vae.training.train`` (see "val -ELBO").
+(b) **ours, same recipe**: ``vae.training.train.train``, ``parse_params`` of model 784-400-20 with
     ReLU, Bernoulli likelihood, batch 128, Adam 1e-3 with a constant lr (``train.lr_decay: 0``),
     no EMA and no gradient clipping,
     ``data.binarize: none`` (BCE on grayscale pixels, the objective of (a)), MLflow off: what
@@ -46,7 +46,7 @@ Rows:
     on, into a temporary sqlite store), for 2 epochs; for its peak memory (the target is
     < 2 GiB). Its throughput includes the Bernoulli draw; its -ELBO is on binarized pixels and
     is not comparable, so it is not shown.
-(e) **IWAE eval**: ``vae.evaluate.evaluate`` (the importance-weighted log p(x) with K samples
+(e) **IWAE eval**: ``vae.evaluation.evaluate.evaluate`` (the importance-weighted log p(x), K samples
     an image) on the first ``--eval-images`` test images, with the model that (c) trained; one
     child process per K.
 
@@ -57,13 +57,13 @@ Columns:
 - ``s/epoch``: the median wall time of the timed epochs of all repeats (each epoch's time,
   and the mean, are in the JSON). One epoch is one pass over the training images plus one
   single-sample ELBO pass over the validation images: what the ``seconds`` column of
-  ``vae.train``'s history covers (checkpoint writing is outside it). On CUDA the
-  reference is synchronised around its timing; ``vae.train`` synchronises once an epoch. For
+  ``vae.training.train``'s history covers (checkpoint writing is outside it). On CUDA the
+  reference is synchronised around its timing; ``vae.training.train`` syncs once an epoch. For
   (e), the wall time of one ``evaluate`` call.
 - ``throughput``: training images per second over the timed epochs; for (e), images x K per
   second. ``vs (a)``: throughput divided by (a)'s.
 - ``val -ELBO``: validation negative ELBO after the last epoch, in nats per image (lower is
-  better): ``vae.train.evaluate_elbo`` on the same validation tensor for every row (floats in
+  better): ``vae.training.train.evaluate_elbo`` on one validation tensor for every row (floats in
   [0, 1], one posterior sample with the same seed, Bernoulli log-likelihood on grayscale
   pixels + closed-form KL, mean over images). Training is seeded, so on the CPU every repeat
   reaches the same value (the JSON keeps each). On CUDA, (b) and (c) evaluate under the default
@@ -152,7 +152,7 @@ def classic_loss(
 
 
 class ClassicAsVAE(nn.Module):
-    """The classic model behind ``vae.model.VAE``'s interface, so one function evaluates all."""
+    """The classic model behind ``vae.core.model.VAE``'s interface, so one function scores both."""
 
     latent_dim = 20
 
@@ -163,8 +163,8 @@ class ClassicAsVAE(nn.Module):
     def forward(
         self, x: torch.Tensor, generator: torch.Generator | None = None, eps: Any = None
     ) -> Any:
-        from vae.distributions import BernoulliLikelihood, DiagonalGaussian, StandardNormal
-        from vae.model import VAEOutput
+        from vae.core.distributions import BernoulliLikelihood, DiagonalGaussian, StandardNormal
+        from vae.core.model import VAEOutput
 
         q = DiagonalGaussian(*self.ref.encode(x.view(-1, 784)))  # (B, 20) each
         z = q.sample(generator) if eps is None else q.mean + q.std * eps
@@ -181,8 +181,8 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
-    from vae.data import float_images, load_split
-    from vae.train import evaluate_elbo
+    from vae.data.splits import float_images, load_split
+    from vae.training.train import evaluate_elbo
 
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
@@ -220,13 +220,13 @@ def run_reference(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# (b), (c): vae.train; (d): the `vae train` command; (e): vae.evaluate
+# (b), (c): vae.training.train; (d): the `vae train` command; (e): vae.evaluation.evaluate
 
 
 def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
-    from vae.data import Split, load_split
+    from vae.data.splits import Split, load_split
     from vae.params import parse_params
-    from vae.train import train
+    from vae.training.train import train
 
     cfg = parse_params(spec["params"])
     device = torch.device(cfg.train.device)
@@ -270,10 +270,10 @@ def run_cli(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_iwae(spec: dict[str, Any]) -> dict[str, Any]:
-    from vae.checkpoint import load_model
     from vae.config import EvaluateConfig
-    from vae.data import Split, float_images, load_split
-    from vae.evaluate import evaluate
+    from vae.data.splits import Split, float_images, load_split
+    from vae.evaluation.evaluate import evaluate
+    from vae.training.checkpoint import load_model
 
     device = torch.device(spec["device"])
     model, _ = load_model(spec["model"], device=device)
@@ -377,7 +377,7 @@ def _own_cpu_seconds() -> float:
 
 def _unpack_raw(tmp: Path, raw_root: Path) -> Path:
     """The raw IDX files, unpacked where torchvision's FashionMNIST(download=False) reads them."""
-    from vae.raw import idx_files
+    from vae.data.raw import idx_files
 
     files = idx_files(raw_root)
     raw = tmp / "torchvision" / "FashionMNIST" / "raw"
@@ -396,7 +396,7 @@ def _train_indices(data: Path, tv_root: Path, tmp: Path) -> Path:
     """The rows of torchvision's train set that form the prepared train split (checked)."""
     from torchvision import datasets
 
-    from vae.data import load_split
+    from vae.data.splits import load_split
 
     manifest = json.loads((data / "manifest.json").read_text())
     if manifest["dataset"] != "fashion_mnist" or manifest["binarize"] == "static":
@@ -406,7 +406,7 @@ def _train_indices(data: Path, tv_root: Path, tmp: Path) -> Path:
             "(run `vae prepare` with the default data params)"
         )
     images = datasets.FashionMNIST(str(tv_root), train=True, download=False).data  # (N, 28, 28)
-    gen = torch.Generator().manual_seed(manifest["seed"])  # vae.prepare.prepare's split
+    gen = torch.Generator().manual_seed(manifest["seed"])  # vae.data.prepare.prepare's split
     perm = torch.randperm(len(images), generator=gen)
     keep = perm[max(1, round(len(images) * manifest["val_fraction"])) :].sort().values
     if not torch.equal(images[keep].unsqueeze(1), load_split(data / "train.pt").images):
@@ -539,8 +539,8 @@ def run_rows(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
     specs["a"]["epochs"] = epochs
     labels = {
         "a": "(a) reference: classic recipe, 784-400-20",
-        "b": "(b) vae.train, 784-400-20, batch 128, Adam 1e-3",
-        "c": "(c) vae.train, default params",
+        "b": "(b) vae.training.train, 784-400-20, batch 128, Adam 1e-3",
+        "c": "(c) vae.training.train, default params",
     }
     repeats = 1 if args.quick else args.repeats
     print(f"benchmark on {args.device}: {epochs} epochs a row, {repeats} repeats", file=sys.stderr)

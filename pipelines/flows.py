@@ -30,7 +30,7 @@ from pipelines.tasks import (
 )
 from vae.atomic import load_json
 from vae.config import Config, ConfigError
-from vae.mlflow_tracker import tracking_uri
+from vae.mlops.mlflow_tracker import tracking_uri
 from vae.params import load_params, parse_params
 
 __all__ = [

@@ -30,7 +30,7 @@ from pipelines.locking import registry_lock
 from pipelines.procs import CommandTimeout, run_command
 from pipelines.reports import mlflow_links, stage_log_dir
 from vae.cli import EXIT_ERROR, EXIT_USAGE
-from vae.mlflow_tracker import tracking_uri
+from vae.mlops.mlflow_tracker import tracking_uri
 
 __all__ = [
     "RETRIES",

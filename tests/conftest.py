@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from vae.raw import IDX_FILES
+from vae.data.raw import IDX_FILES
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
@@ -317,7 +317,7 @@ def mlp_config(**model: Any):
 
 def tiny_vae(latent_dim: int = 3, hidden_dim: int = 16, shape: tuple[int, ...] = (1, 28, 28)):
     """A seeded, untrained MLP VAE: enough for anything that only loads, logs or encodes."""
-    from vae.model import VAE
+    from vae.core.model import VAE
 
     torch.manual_seed(0)
     return VAE(mlp_config(latent_dim=latent_dim, hidden_dim=hidden_dim), shape).eval()

@@ -49,7 +49,7 @@ def test_throughput_and_profile_scripts_run(project: Path) -> None:
     assert set(results["ratios"]) == {"b_over_a", "c_over_a"}
     for name in ("a", "b", "c"):  # 1 warm-up + 1 timed epoch, each with a finite -ELBO
         assert len(rows[name]["val_nelbo"]) == 2 and 0 < rows[name]["final_val_nelbo"] < 1e4
-    assert "| (c) vae.train, default params |" in proc.stdout
+    assert "| (c) vae.training.train, default params |" in proc.stdout
 
     profile = ROOT / "benchmarks" / "profile_train.py"
     proc = _run([str(profile), "--params", "params.yaml", "--data", str(data)], project)

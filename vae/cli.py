@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vae.config import Config, ConfigError
-from vae.consumer_cli import CONSUMER_COMMANDS, add_consumer_parsers
 from vae.params import load_params
+from vae.serving.consumer_cli import CONSUMER_COMMANDS, add_consumer_parsers
 from vae.stages import (
     METRICS,
     MODELS,
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_params(args.params)
         if args.command in DEVICE_COMMANDS:  # a device this machine lacks: before any work
-            from vae.distributed import select_device
+            from vae.training.distributed import select_device
 
             try:
                 select_device(cfg.train.device)
@@ -197,12 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vae: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     func: Callable[[Config, argparse.Namespace], None] = args.func
-    from vae.checkpoint import CheckpointError
-    from vae.data import DataError, DataUnavailable
+    from vae.data.splits import DataError, DataUnavailable
     from vae.locks import LockTimeout
-    from vae.mlflow_tracker import RunNotFound, TrackingUnavailable
-    from vae.registry import RegistryError
-    from vae.train import NonFiniteLossError
+    from vae.mlops.mlflow_tracker import RunNotFound, TrackingUnavailable
+    from vae.mlops.registry import RegistryError
+    from vae.training.checkpoint import CheckpointError
+    from vae.training.train import NonFiniteLossError
 
     permanent = (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError)
     try:
@@ -237,10 +237,10 @@ def _missing_pipeline_extra() -> str | None:
 
 def _consume(args: argparse.Namespace) -> int:
     """A consumer command: no params.yaml, only a model URI and its inputs."""
-    from vae.consume import ConsumerError
-    from vae.images import InputError
+    from vae.data.images import InputError
     from vae.locks import LockTimeout
-    from vae.registry import RegistryError
+    from vae.mlops.registry import RegistryError
+    from vae.serving.consume import ConsumerError
 
     try:
         args.func(args)

@@ -65,7 +65,7 @@ _BEFORE_THE_KEY = {
 @dataclass(frozen=True)
 class ModelConfig:
     # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs;
-    # resnet: residual conv encoder/decoder (vae/resnet.py), conv_channels wide, H, W % 4 == 0.
+    # resnet: residual conv encoder/decoder (vae/core/resnet.py), conv_channels wide, H, W % 4 == 0.
     arch: Literal["mlp", "gated_mlp", "conv", "resnet"] = "gated_mlp"
     latent_dim: int = field(default=40, metadata=_range(ge=1, le=4096))
     hidden_dim: int = field(default=300, metadata=_range(ge=1, le=65536))
@@ -82,7 +82,7 @@ class ModelConfig:
     # `pseudo_inputs` learned images (its KL is estimated by Monte Carlo).
     prior: Literal["standard", "vamp"] = "vamp"
     pseudo_inputs: int = field(default=100, metadata=_range(ge=1, le=100000))
-    # 2: a second stochastic layer, top-down (vae/hierarchy.py); z is then [z1, z2], each
+    # 2: a second stochastic layer, top-down (vae/core/hierarchy.py); z is then [z1, z2], each
     # latent_dim wide.
     latent_layers: int = field(default=1, metadata=_range(ge=1, le=2))
 

@@ -19,10 +19,10 @@ from vae.config import Config
 if TYPE_CHECKING:
     import torch
 
-    from vae.mlflow_tracker import MlflowTracker
-    from vae.model import VAE
-    from vae.sampler import GaussianMixture
-    from vae.train import TrainResult
+    from vae.core.model import VAE
+    from vae.core.sampler import GaussianMixture
+    from vae.mlops.mlflow_tracker import MlflowTracker
+    from vae.training.train import TrainResult
 
 log = logging.getLogger("vae")
 
@@ -58,13 +58,13 @@ def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
     """The run ``vae train`` started, opened before the stage does any work."""
     if not cfg.mlflow.enabled:
         return None
-    from vae.mlflow_tracker import tracker_from_run_file
+    from vae.mlops.mlflow_tracker import tracker_from_run_file
 
     return tracker_from_run_file(Path(args.models) / RUN_FILE)
 
 
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.raw import check_source, ingest
+    from vae.data.raw import check_source, ingest
 
     if args.check:
         raw = check_source(cfg.data.dataset, cfg.data.source)
@@ -75,24 +75,24 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_download(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.raw import download
+    from vae.data.raw import download
 
     out = download(cfg.data.dataset, Path(args.out))
     log.info("downloaded %s to %s; set data.source: %s to use it", cfg.data.dataset, out, out)
 
 
 def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.prepare import prepare
+    from vae.data.prepare import prepare
 
     prepare(cfg.data, Path(args.out), raw_dir=Path(args.raw), strict=args.strict)
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
-    from vae import distributed
-    from vae.data import load_split
-    from vae.distributed import select_device
-    from vae.mlflow_tracker import start_pipeline_run
-    from vae.train import train
+    from vae.data.splits import load_split
+    from vae.mlops.mlflow_tracker import start_pipeline_run
+    from vae.training import distributed
+    from vae.training.distributed import select_device
+    from vae.training.train import train
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
@@ -122,7 +122,7 @@ def _write_training_outputs(
     result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
 ) -> None:
     from vae.atomic import atomic_write_json, atomic_write_text
-    from vae.mlflow_tracker import log_stage
+    from vae.mlops.mlflow_tracker import log_stage
 
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
     buf = io.StringIO()
@@ -145,8 +145,8 @@ def _write_training_outputs(
 
 
 def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, torch.device]:
-    from vae.checkpoint import load_model
-    from vae.distributed import select_device
+    from vae.training.checkpoint import load_model
+    from vae.training.distributed import select_device
 
     device = select_device(cfg.train.device)
     model, meta = load_model(Path(args.models) / "model.pt", expected=cfg.model, device=device)
@@ -155,7 +155,7 @@ def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, tor
 
 def _chosen_sampler(models: Path) -> GaussianMixture | None:
     """The mixture ``vae generate`` fitted, if ``generate.sampler`` chose it; else the prior."""
-    from vae.sampler import SAMPLER_FILE, load_sampler
+    from vae.core.sampler import SAMPLER_FILE, load_sampler
 
     if not (models / SAMPLER_FILE).is_file():  # `vae register` straight after `vae train`
         log.warning(
@@ -170,9 +170,9 @@ def _chosen_sampler(models: Path) -> GaussianMixture | None:
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.data import float_images, load_split
-    from vae.evaluate import evaluate
-    from vae.mlflow_tracker import log_stage
+    from vae.data.splits import float_images, load_split
+    from vae.evaluation.evaluate import evaluate
+    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -196,9 +196,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.data import load_split
-    from vae.export import export
-    from vae.mlflow_tracker import log_stage
+    from vae.data.splits import load_split
+    from vae.evaluation.export import export
+    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -224,10 +224,10 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_with
-    from vae.data import load_split
-    from vae.generate import fit_latent_sampler, generate
-    from vae.mlflow_tracker import log_stage
-    from vae.sampler import SAMPLER_FILE, save_sampler
+    from vae.core.sampler import SAMPLER_FILE, save_sampler
+    from vae.data.splits import load_split
+    from vae.evaluation.generate import fit_latent_sampler, generate
+    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
@@ -252,9 +252,9 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_classify(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.data import load_split
-    from vae.distributed import select_device
-    from vae.score import classify, save_classifier
+    from vae.data.splits import load_split
+    from vae.evaluation.score import classify, save_classifier
+    from vae.training.distributed import select_device
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -270,10 +270,10 @@ def cmd_classify(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.data import load_split
-    from vae.mlflow_tracker import log_stage
-    from vae.sampler import SAMPLER_FILE, load_sampler
-    from vae.score import load_classifier, score
+    from vae.core.sampler import SAMPLER_FILE, load_sampler
+    from vae.data.splits import load_split
+    from vae.evaluation.score import load_classifier, score
+    from vae.mlops.mlflow_tracker import log_stage
 
     prepared, models = Path(args.data), Path(args.models)
     _check_prepared(cfg, prepared)
@@ -302,8 +302,8 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.mlflow_tracker import log_stage
-    from vae.publish import not_registered, publish
+    from vae.mlops.mlflow_tracker import log_stage
+    from vae.mlops.publish import not_registered, publish
 
     out = Path(args.metrics) / "registry.json"
     name = cfg.mlflow.registered_model
@@ -331,7 +331,7 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
     from vae.atomic import load_json
-    from vae.mlflow_tracker import relog_records, start_pipeline_run
+    from vae.mlops.mlflow_tracker import relog_records, start_pipeline_run
 
     if not cfg.mlflow.enabled:
         raise StageError("mlflow.enabled is false; nothing to log")

@@ -1,0 +1,156 @@
+"""Two stochastic layers (model.latent_layers: 2): densities, bounds, metrics and formats."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import distributions as D
+
+from tests.conftest import mlp_config, write_params
+from tests.training.test_train import prepared  # noqa: F401  (the fixture)
+from vae.cli import main
+from vae.config import ConfigError, EvaluateConfig
+from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior
+from vae.core.losses import iwae_bound, negative_elbo
+from vae.core.model import VAE
+from vae.core.sampler import load_sampler
+from vae.evaluation.evaluate import evaluate
+from vae.params import load_params, parse_params
+from vae.pyfunc import save_vae_dir
+from vae.serving.consume import LoadedModel
+from vae.training.checkpoint import load_model
+
+SHAPE = (1, 4, 4)
+
+
+def _vae(**model: object) -> VAE:
+    torch.manual_seed(0)
+    return VAE(mlp_config(latent_dim=3, hidden_dim=8, latent_layers=2, **model), SHAPE)
+
+
+def _batch(n: int = 6) -> torch.Tensor:
+    return torch.bernoulli(torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(1)))
+
+
+def _normal(mean_logvar: torch.Tensor) -> D.Independent:
+    mean, logvar = mean_logvar.chunk(2, dim=-1)
+    return D.Independent(D.Normal(mean, torch.exp(0.5 * logvar)), 1)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gated_mlp", "conv", "resnet"])
+def test_two_layer_densities_match_torch_distributions(arch: str) -> None:
+    """log q(z|x) = log q(z2|x) + log q(z1|x, z2), log p(z) = log p(z2) + log p(z1|z2), with
+    every conditional rebuilt here from the networks' raw outputs."""
+    model, x = _vae(arch=arch, conv_channels=2), _batch()
+    with torch.no_grad():
+        q, prior = model.encode(x), model.prior()
+        assert isinstance(q, HierarchicalPosterior) and isinstance(prior, HierarchicalPrior)
+        z = q.sample(torch.Generator().manual_seed(2), n=5)  # (5, B, 6)
+        assert z.shape == (5, 6, 6)
+        z1, z2 = z[..., :3], z[..., 3:]
+        h = model.encoder.net[:-1](x).expand(5, 6, -1)
+        q2 = _normal(model.encoder.net[-1](h))
+        q1 = _normal(model.top_down.q_net(torch.cat([h, z2], -1)))
+        p2 = D.Independent(D.Normal(torch.zeros(3), torch.ones(3)), 1)
+        p1 = _normal(model.top_down.p_net(z2))
+        torch.testing.assert_close(q.log_prob(z), q2.log_prob(z2) + q1.log_prob(z1))
+        torch.testing.assert_close(prior.log_prob(z), p2.log_prob(z2) + p1.log_prob(z1))
+        # the embedding: E[z2|x], then E[z1 | x, z2 = E[z2|x]]
+        m2 = q2.base_dist.mean[0]
+        m1 = model.top_down.q_net(torch.cat([h[0], m2], -1)).chunk(2, -1)[0]
+        torch.testing.assert_close(q.mean, torch.cat([m1, m2], -1))
+
+
+def test_sampling_draws_the_top_layer_first() -> None:
+    model = _vae(prior="vamp", pseudo_inputs=4)
+    with torch.no_grad():
+        prior = model.prior()
+        z = prior.sample(20_000, torch.Generator().manual_seed(0))
+        assert z.shape == (20_000, 6)
+        # z1 | z2 is the learned Gaussian p(z1|z2): standardised, its residuals are N(0, 1)
+        p1 = model.top_down.prior(z[:, 3:])
+        r = (z[:, :3] - p1.mean) / p1.std
+        torch.testing.assert_close(r.mean(0), torch.zeros(3), atol=0.03, rtol=0)
+        torch.testing.assert_close(r.std(0), torch.ones(3), atol=0.03, rtol=0)
+        assert model.generate(4, torch.Generator().manual_seed(1)).shape == (4, *SHAPE)
+
+
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_elbo_is_the_monte_carlo_kl_and_iwae_k1_equals_it(prior: str) -> None:
+    model, x = _vae(prior=prior, pseudo_inputs=4), _batch()
+    eps = torch.randn(6, 6, generator=torch.Generator().manual_seed(3))
+    out = model(x, eps=eps)
+    terms = negative_elbo(x, out)
+    kl = (out.posterior.log_prob(out.z) - out.prior.log_prob(out.z)).mean()
+    torch.testing.assert_close(terms.kl, kl)
+    torch.testing.assert_close(terms.elbo, (out.likelihood.log_prob(x)).mean() - kl)
+    one = iwae_bound(x, model(x, eps=eps[None]))
+    torch.testing.assert_close(-one.loss, terms.elbo)
+    terms.loss.backward()  # both conditionals of the lower layer learn
+    for net in (model.top_down.q_net, model.top_down.p_net):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_evaluation_reports_each_layer() -> None:
+    model, x = _vae(), _batch(20)
+    m = evaluate(model, x, EvaluateConfig(iw_samples=16, batch_size=7, active_unit_threshold=0))
+    assert m["kl_estimator"] == "monte_carlo_16_samples" and m["kl_per_dim"] is None
+    assert len(m["kl_per_layer"]) == 2 and math.fsum(m["kl_per_layer"]) == pytest.approx(m["kl"])
+    assert m["active_units_per_layer"] == [3, 3] and m["active_units"] == 6
+    assert m["nll_iw"] <= -m["elbo"]
+    one = evaluate(VAE(mlp_config(latent_dim=3), SHAPE), x, EvaluateConfig(iw_samples=4))
+    assert one["kl_per_layer"] is None and one["active_units_per_layer"] is None
+
+
+def test_registered_format_and_consumers_see_both_layers(tmp_path: Path) -> None:
+    from vae.pyfunc import VAEPyfunc, load_vae_dir
+
+    model, x = _vae(arch="gated_mlp", prior="vamp", pseudo_inputs=4), _batch()
+    save_vae_dir(model, tmp_path / "data" / "vae")
+    back = VAEPyfunc(load_vae_dir(tmp_path / "data" / "vae"))
+    with torch.no_grad():
+        want = model.encode(x)
+        got = back.predict(x.flatten(1).numpy(), {"logvar": True})
+        torch.testing.assert_close(torch.from_numpy(got), torch.cat([want.mean, want.logvar], -1))
+        drawn = back.predict(None, {"mode": "generate", "n": 3, "seed": 1})
+        torch.testing.assert_close(
+            torch.from_numpy(drawn), model.generate(3, torch.Generator().manual_seed(1)).flatten(1)
+        )
+    assert LoadedModel(None, tmp_path).latent_dim == 6  # embedding columns for [z1, z2]
+
+
+def test_params_refuse_a_third_layer_and_free_bits() -> None:
+    base = load_params("params.yaml").to_dict()
+    for model, train_, words in (
+        ({"latent_layers": 3}, {}, ["model.latent_layers", "<= 2"]),
+        (
+            {"latent_layers": 2, "prior": "standard"},
+            {"free_bits": 0.5},
+            ["model.latent_layers", "free_bits"],
+        ),
+    ):
+        raw = {**base, "model": {**base["model"], **model}, "train": {**base["train"], **train_}}
+        with pytest.raises(ConfigError) as err:
+            parse_params(raw)
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+@pytest.mark.slow
+def test_two_layers_through_every_stage(prepared: Path) -> None:  # noqa: F811
+    """train, evaluate, export, generate (mixture sampler), classify and score, on tiny data."""
+    write_params(Path("params.yaml"), model={"latent_layers": 2})
+    for stage in ("train", "evaluate", "export", "generate", "classify", "score"):
+        assert main(["-q", stage]) == 0, stage
+    model, _ = load_model("models/model.pt", expected=load_params().model)
+    assert isinstance(model.prior(), HierarchicalPrior)
+    ev = json.loads(Path("metrics/eval.json").read_text())
+    assert len(ev["kl_per_layer"]) == 2 and len(ev["active_units_per_layer"]) == 2
+    assert json.loads(Path("metrics/downstream.json").read_text())["latent_dim"] == 8
+    _, mixture = load_sampler("models/sampler.safetensors")
+    assert mixture.sample(3).shape == (3, 8)  # fitted to the whole code [z1, z2]
+    sets = json.loads(Path("metrics/quality.json").read_text())["sets"]
+    assert all(math.isfinite(m["fid"]) for m in sets.values())

@@ -1,0 +1,1 @@
+"""The model and its maths: networks, priors, likelihoods, losses, samplers; ships whole."""

@@ -1,0 +1,154 @@
+"""Two stochastic layers (``model.latent_layers: 2``), top-down as in the hierarchical VAEs of
+the VampPrior paper (Tomczak & Welling 2018, section 3.3) and ladder VAEs (Sønderby et al. 2016).
+
+    inference   q(z2 | x) q(z1 | x, z2)       generative   p(z2) p(z1 | z2) p(x | z1, z2)
+
+z2 is the top layer: the encoder's head gives q(z2|x), and its prior p(z2) is ``model.prior``
+(N(0, I), or the VampPrior of the pseudo-inputs' q(z2|u)). z1 is inferred from the encoder's last
+hidden features h(x) and z2; the decoder reads both layers. The model hands the rest of the
+project one code, z = [z1, z2] of 2 x ``model.latent_dim`` values, and two objects with the
+interface of the one-layer posterior and prior (``sample``, ``log_prob``, ``mean``, ``logvar``),
+so the ELBO, the IWAE bound, the evaluation, the samplers and the registered model need nothing
+of their own. Neither KL term has a closed form once z2 is sampled, so the ELBO's KL is the
+one-sample Monte Carlo estimate log q(z|x) - log p(z), as for the VampPrior.
+
+The code's ``mean`` (the embedding ``encode`` returns) is [E q(z1 | x, z2 = m2), m2] with m2 =
+E q(z2|x): both layers, bottom first.
+
+Only torch and the other shipped modules are imported: this module ships inside registered
+models.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vae.core.distributions import DiagonalGaussian, Prior
+from vae.core.layers import mlp_layers
+
+__all__ = ["HierarchicalPosterior", "HierarchicalPrior", "Posterior", "TopDown"]
+
+Conditional = Callable[..., DiagonalGaussian]
+
+
+def _gaussian(h: torch.Tensor) -> DiagonalGaussian:
+    mean, logvar = h.float().chunk(2, dim=-1)
+    return DiagonalGaussian(mean, logvar)
+
+
+class TopDown(nn.Module):
+    """The lower layer's two conditionals: q(z1 | h(x), z2) and p(z1 | z2), one hidden layer
+    each (gated for ``gated_mlp``), ``latent`` wide on both layers."""
+
+    def __init__(self, features: int, latent: int, hidden: int, act: str, gated: bool) -> None:
+        super().__init__()
+        self.q_net = nn.Sequential(
+            *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
+        )
+        self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 1, 2 * latent, act, gated))
+
+    def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
+        """q(z1 | x, z2): h (..., F) and z2 (..., D) with the same leading dims."""
+        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)))
+
+    def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
+        """p(z1 | z2) for z2 (..., D)."""
+        # The evaluation's codes are float64 (vae.evaluation.evaluate); the network runs in its own
+        # dtype.
+        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)))
+
+
+def _split(z: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return z[..., :d1], z[..., d1:]
+
+
+class HierarchicalPosterior:
+    """q(z|x) = q(z2|x) q(z1|x, z2) over z = [z1, z2], batch (B, D1 + D2)."""
+
+    def __init__(self, top: DiagonalGaussian, h: torch.Tensor, lower: Conditional) -> None:
+        self.top = top  # q(z2|x), (B, D2)
+        self.h = h  # the encoder's features of x, (B, F)
+        self.lower = lower  # (h, z2) -> q(z1|x, z2)
+
+    @functools.cached_property
+    def _at_mean(self) -> DiagonalGaussian:
+        """q(z1 | x, z2 = E[z2]): the lower half of the embedding; training never asks for it."""
+        return self.lower(self.h, self.top.mean)
+
+    def _lower_at(self, z2: torch.Tensor) -> DiagonalGaussian:
+        return self.lower(self.h.expand(*z2.shape[:-1], self.h.shape[-1]), z2)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.cat([self._at_mean.mean, self.top.mean], dim=-1)
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return torch.cat([self._at_mean.logvar, self.top.logvar], dim=-1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def reparam(self, eps: torch.Tensor) -> torch.Tensor:
+        """z for standard-normal noise eps (..., B, D1 + D2): z2 first, then z1 given it."""
+        eps1, eps2 = _split(eps, self.top.mean.shape[-1])
+        z2 = self.top.reparam(eps2)
+        return torch.cat([self._lower_at(z2).reparam(eps1), z2], dim=-1)
+
+    def sample(
+        self, generator: torch.Generator | None = None, n: int | None = None
+    ) -> torch.Tensor:
+        """Reparameterised z (B, D1 + D2), or (n, B, D1 + D2) when n is given."""
+        mean = self.top.mean
+        shape = (*(() if n is None else (n,)), *mean.shape[:-1], 2 * mean.shape[-1])
+        eps = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.reparam(eps)
+
+    def log_prob_layers(self, z: torch.Tensor) -> torch.Tensor:
+        """[log q(z1|x, z2), log q(z2|x)] for z (..., B, D1 + D2) -> (..., B, 2)."""
+        z1, z2 = _split(z, self.top.mean.shape[-1])
+        return torch.stack([self._lower_at(z2).log_prob(z1), self.top.log_prob(z2)], dim=-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_layers(z).sum(-1)
+
+
+class HierarchicalPrior:
+    """p(z) = p(z2) p(z1|z2) over z = [z1, z2]; p(z2) is the one-layer prior. No closed-form KL."""
+
+    closed_form_kl = False
+
+    def __init__(self, top: Prior, lower: Conditional) -> None:
+        self.top = top
+        self.lower = lower  # z2 -> p(z1|z2)
+
+    @property
+    def dim(self) -> int:
+        return 2 * self.top.dim
+
+    def log_prob_layers(self, z: torch.Tensor) -> torch.Tensor:
+        """[log p(z1|z2), log p(z2)] for z (..., D1 + D2) -> (..., 2)."""
+        z1, z2 = _split(z, self.top.dim)
+        return torch.stack([self.lower(z2).log_prob(z1), self.top.log_prob(z2)], dim=-1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return self.log_prob_layers(z).sum(-1)
+
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """(n, D1 + D2): z2 from p(z2), then z1 from p(z1|z2)."""
+        z2 = self.top.sample(n, generator, device)
+        eps = torch.randn(z2.shape, generator=generator, device=z2.device, dtype=z2.dtype)
+        return torch.cat([self.lower(z2).reparam(eps), z2], dim=-1)
+
+
+Posterior = DiagonalGaussian | HierarchicalPosterior

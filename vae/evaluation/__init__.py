@@ -1,0 +1,1 @@
+"""Evaluation: likelihood bounds, embeddings and their probes, samples, and sample quality."""

@@ -1,0 +1,1 @@
+"""The MLflow side: tracking, lineage, the store, packaging and the model registry."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its run state and callbacks, checkpoints, EMA, numerics and devices."""
