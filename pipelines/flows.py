@@ -30,7 +30,8 @@ from pipelines.tasks import (
 )
 from vae.atomic import load_json
 from vae.config import Config, ConfigError
-from vae.mlops.mlflow_tracker import tracking_uri
+from vae.mlops.store import tracking_uri
+from vae.outputs import MANIFEST, REGISTRY_RECORD
 from vae.params import load_params, parse_params
 
 __all__ = [
@@ -108,7 +109,7 @@ def _retrain(
     check_data(root, timeout)
     data_stages = stages[: stages.index(PREPARE) + 1]
     ran = {s: _run(s, root, cfg) for s in data_stages}
-    dataset = load_json(Path(root) / "data/prepared/manifest.json")["dataset_sha256"]
+    dataset = load_json(Path(root) / MANIFEST)["dataset_sha256"]
     champion = read_versions(name, uri, {"champion": "champion"})["champion"]
     champion_data = champion["tags"].get("dataset_sha256") if champion else None
     if champion_data == dataset and not force:
@@ -128,7 +129,7 @@ def _retrain(
         if not ran[REGISTER]:  # metrics/registry.json is the previous registration's
             reason = "DVC found every input of `register` unchanged since it last ran; nothing new"
             return _outcome("unchanged", reason, dataset, ran, champion)
-        decision = load_json(Path(root) / "metrics/registry.json")
+        decision = load_json(Path(root) / REGISTRY_RECORD)
     if not decision.get("registered", True):  # an experiment that was told not to register
         return _outcome("not registered", decision["reason"], dataset, ran, champion)
     refs = {"champion": decision["previous_champion_version"], "challenger": decision["version"]}

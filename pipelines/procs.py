@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vae.errors import PermanentError
+
 __all__ = ["CommandResult", "CommandTimeout", "run_command"]
 
 # Between SIGTERM and SIGKILL: short, so that a flow run stopped by `pipelines.serve` (which
@@ -27,7 +29,7 @@ __all__ = ["CommandResult", "CommandTimeout", "run_command"]
 GRACE_SECONDS = 3.0
 
 
-class CommandTimeout(RuntimeError):
+class CommandTimeout(PermanentError, RuntimeError):
     """The command ran past its deadline; its process group was killed."""
 
 

@@ -29,8 +29,9 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.locking import registry_lock
 from pipelines.procs import CommandTimeout, run_command
 from pipelines.reports import mlflow_links, stage_log_dir
-from vae.cli import EXIT_ERROR, EXIT_USAGE
-from vae.mlops.mlflow_tracker import tracking_uri
+from vae.errors import EXIT_ERROR, EXIT_USAGE, PermanentError
+from vae.mlops.store import tracking_uri
+from vae.outputs import REGISTRY_RECORD
 
 __all__ = [
     "RETRIES",
@@ -47,7 +48,7 @@ __all__ = [
 PERMANENT_EXIT_CODES = frozenset({EXIT_ERROR, EXIT_USAGE})  # `vae` codes no retry can fix
 
 
-class StageFailed(RuntimeError):
+class StageFailed(PermanentError, RuntimeError):
     """A task's command failed; ``exit_code`` is the ``vae`` command's (None: DVC's own)."""
 
     def __init__(
@@ -185,7 +186,7 @@ def run_experiment(root: str, name: str, overrides: list[str], timeout: float) -
     ).stdout.split()
     (ref,) = [r for r in refs if r.rsplit("/", 1)[-1] == name]
     shown = subprocess.run(
-        ["git", "show", f"{ref}:metrics/registry.json"],
+        ["git", "show", f"{ref}:{REGISTRY_RECORD.as_posix()}"],
         cwd=root,
         capture_output=True,
         text=True,
@@ -198,9 +199,10 @@ def run_experiment(root: str, name: str, overrides: list[str], timeout: float) -
 def read_versions(name: str, uri: str, versions: dict[str, str | int | None]) -> dict[str, Any]:
     """``{label: {"version", "tags"} or None}`` for aliases (str) or version numbers (int)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
+    from vae.mlops import store
+
+    client = store.client(uri)
     out: dict[str, Any] = {}
     for label, ref in versions.items():
         try:
@@ -221,7 +223,7 @@ def read_versions(name: str, uri: str, versions: dict[str, str | int | None]) ->
 @task(name="read-run", task_run_name="read-run", cache_policy=NO_CACHE, **RETRIES)
 def read_run_links(uri: str, run_id: str) -> dict[str, str]:
     """Links to MLflow run ``run_id`` and its sample grid, for the report."""
-    from mlflow.tracking import MlflowClient
+    from vae.mlops import store
 
-    run = MlflowClient(tracking_uri=uri).get_run(run_id)
+    run = store.client(uri).get_run(run_id)
     return mlflow_links(uri, run.info.experiment_id, run_id, run.info.artifact_uri)

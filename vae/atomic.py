@@ -8,6 +8,8 @@ moved over the target with ``os.replace``, which is atomic on POSIX file systems
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
@@ -21,6 +23,7 @@ __all__ = [
     "atomic_open",
     "atomic_torch_save",
     "atomic_write_bytes",
+    "atomic_write_csv",
     "atomic_write_json",
     "atomic_write_text",
     "atomic_write_with",
@@ -71,6 +74,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+def atomic_write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Rows of equal keys as a CSV file with a header (the first row's keys, in order)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -1,15 +1,11 @@
 """``vae <stage>``: the command line. Parsing and error handling only; see vae/stages.py.
 
-Each command reads params.yaml once (a bad value exits with code 2 before any work). Exit codes,
-so that a scheduler can tell what is worth retrying (``pipelines/flows.py`` does):
-
-- 0: done;
-- 1: an expected failure that a retry cannot fix (bad data, a corrupt checkpoint, a NaN loss,
-  an unknown registered model), with one line saying what and where;
-- 2: a bad param or argument, before any work;
-- 75 (``EX_TEMPFAIL``): a service or download could not be reached, or another process held
-  the registry lock too long; a later retry may work;
-- 70 (``EX_SOFTWARE``, from the ``vae`` command): an unexpected exception, with its traceback.
+Each command reads params.yaml once (a bad value exits with code 2 before any work). The exit
+code follows from the error's base class in :mod:`vae.errors`, so that a scheduler can tell what
+is worth retrying (``pipelines/tasks.py`` does): 0 done; 1 an expected failure that a retry
+cannot fix, with one line saying what and where; 2 a bad param or argument, before any work; 75
+(``EX_TEMPFAIL``) a service, download or lock out of reach, worth a retry later; 70
+(``EX_SOFTWARE``, from the ``vae`` command) an unexpected exception, with its traceback.
 """
 
 from __future__ import annotations
@@ -19,18 +15,13 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from vae.config import Config, ConfigError
+from vae.errors import EXIT_ERROR, EXIT_SOFTWARE, EXIT_USAGE, Bug, VaeError, exit_code
+from vae.outputs import METRICS, MODELS, PLOTS, PREPARED, RAW, REPORTS
 from vae.params import load_params
 from vae.serving.consumer_cli import CONSUMER_COMMANDS, add_consumer_parsers
 from vae.stages import (
-    METRICS,
-    MODELS,
-    PLOTS,
-    PREPARED,
-    RAW,
-    StageError,
     cmd_classify,
     cmd_download,
     cmd_evaluate,
@@ -45,16 +36,11 @@ from vae.stages import (
 )
 
 __all__ = [
-    "EXIT_ERROR",
-    "EXIT_SOFTWARE",
-    "EXIT_TEMPFAIL",
-    "EXIT_USAGE",
     "build_parser",
     "main",
     "run",
 ]
 
-EXIT_ERROR, EXIT_USAGE, EXIT_SOFTWARE, EXIT_TEMPFAIL = 1, 2, 70, 75
 # The stages that use train.device, and write models/, metrics/ or the registry.
 DEVICE_COMMANDS = ("train", "evaluate", "export", "generate", "classify", "score", "register")
 
@@ -64,7 +50,7 @@ _FOLDERS = {
     "--models": (MODELS, "model.pt, the checkpoint and the MLflow run file"),
     "--metrics": (METRICS, "the metrics JSON files"),
     "--plots": (PLOTS, "the per-epoch CSV"),
-    "--reports": (Path("reports"), "the PNG grids"),
+    "--reports": (REPORTS, "the PNG grids"),
 }
 
 
@@ -197,31 +183,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vae: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     func: Callable[[Config, argparse.Namespace], None] = args.func
-    from vae.data.splits import DataError, DataUnavailable
-    from vae.locks import LockTimeout
-    from vae.mlops.mlflow_tracker import RunNotFound, TrackingUnavailable
-    from vae.mlops.registry import RegistryError
-    from vae.training.checkpoint import CheckpointError
-    from vae.training.train import NonFiniteLossError
+    if args.command not in DEVICE_COMMANDS:
+        return _failing_in_one_line(args.command, func, cfg, args)
+    from vae.locks import workspace_writer  # the ones that write models/, metrics/, the registry
 
-    permanent = (StageError, DataError, CheckpointError, NonFiniteLossError, RegistryError)
-    try:
-        if args.command in DEVICE_COMMANDS:  # the ones that write models/, metrics/, the registry
-            from vae.locks import workspace_writer
-
-            with workspace_writer("one writer per workspace"):
-                func(cfg, args)
-        else:
+    def write() -> None:
+        with workspace_writer("one writer per workspace"):
             func(cfg, args)
-    except (TrackingUnavailable, DataUnavailable, LockTimeout) as exc:
-        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_TEMPFAIL
-    except (*permanent, RunNotFound) as exc:
-        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except ConfigError as exc:  # a param that only the data can rule out (batch_size > N)
-        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+
+    return _failing_in_one_line(args.command, write)
+
+
+def _failing_in_one_line(command: str, func: Callable[..., None], *args: object) -> int:
+    """Run ``func``; an error of :mod:`vae.errors` is one line and its base class's exit code
+    (a :class:`~vae.errors.Bug` keeps its traceback, as does any other exception)."""
+    try:
+        func(*args)
+    except VaeError as exc:
+        if isinstance(exc, Bug):
+            raise
+        print(f"vae {command}: error: {exc}", file=sys.stderr)
+        return exit_code(exc)
     return 0
 
 
@@ -237,20 +219,7 @@ def _missing_pipeline_extra() -> str | None:
 
 def _consume(args: argparse.Namespace) -> int:
     """A consumer command: no params.yaml, only a model URI and its inputs."""
-    from vae.data.images import InputError
-    from vae.locks import LockTimeout
-    from vae.mlops.registry import RegistryError
-    from vae.serving.consume import ConsumerError
-
-    try:
-        args.func(args)
-    except LockTimeout as exc:
-        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_TEMPFAIL
-    except (ConsumerError, InputError, RegistryError) as exc:
-        print(f"vae {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    return 0
+    return _failing_in_one_line(args.command, args.func, args)
 
 
 def run() -> None:

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vae.errors import UsageError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration problem, described in one line that names the key."""
 
 

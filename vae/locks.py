@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vae.errors import RetryableError
+
 __all__ = ["WRITER_LOCK", "LockTimeout", "file_lock", "registry_lock_path", "workspace_writer"]
 
 log = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 WRITER_LOCK = Path(".vae-writer.lock")
 
 
-class LockTimeout(RuntimeError):
+class LockTimeout(RetryableError, RuntimeError):
     """Another process held the lock for longer than we were willing to wait (retryable)."""
 
 

@@ -2,7 +2,7 @@
 
 The MLflow model directory holds ``data/vae/weights.safetensors`` (tensors only),
 ``data/vae/vae.json`` (what rebuilds the model) and ``code/vae/``, a copy of the few modules that
-rebuild and run it (:data:`vae.mlops.packaging.INFERENCE_MODULES`). MLflow puts ``code/`` on
+rebuild and run it (:func:`vae.mlops.packaging.shipped_files`). MLflow puts ``code/`` on
 ``sys.path``, so a consumer needs only MLflow and the model's requirements, not this repository::
 
     model = mlflow.pyfunc.load_model("models:/vae-fashion-mnist@champion")

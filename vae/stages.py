@@ -8,13 +8,13 @@ follow the layout that dvc.yaml declares; every one can be overridden on the com
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vae.config import Config
+from vae.errors import PermanentError
+from vae.outputs import METRICS, MODELS, PLOTS, REPORTS, RUN_FILE, STAGE_RECORDS
 
 if TYPE_CHECKING:
     import torch
@@ -22,19 +22,12 @@ if TYPE_CHECKING:
     from vae.core.model import VAE
     from vae.core.sampler import GaussianMixture
     from vae.mlops.mlflow_tracker import MlflowTracker
-    from vae.training.train import TrainResult
+    from vae.training.run import TrainResult
 
 log = logging.getLogger("vae")
 
-RAW = Path("data/raw")
-PREPARED = Path("data/prepared")
-MODELS = Path("models")
-METRICS = Path("metrics")
-PLOTS = Path("plots")
-RUN_FILE = "mlflow_run.json"  # in models/: the MLflow run id, handed from stage to stage
 
-
-class StageError(RuntimeError):
+class StageError(PermanentError, RuntimeError):
     """An expected failure with a one-line explanation (exit code 1)."""
 
 
@@ -61,6 +54,20 @@ def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
     from vae.mlops.mlflow_tracker import tracker_from_run_file
 
     return tracker_from_run_file(Path(args.models) / RUN_FILE)
+
+
+def _folders(args: argparse.Namespace, **override: str) -> dict[str, Path]:
+    """The command's output folders, by the names :data:`STAGE_RECORDS` uses."""
+    default = {"metrics": METRICS, "plots": PLOTS, "reports": REPORTS, "models": MODELS}
+    return {k: Path(override.get(k) or getattr(args, k, None) or v) for k, v in default.items()}
+
+
+def _log(tracker: MlflowTracker | None, stage: str, record: dict, folders: dict[str, Path]) -> None:
+    """Log the stage's record into the pipeline's run, as :data:`STAGE_RECORDS` says."""
+    from vae.mlops.mlflow_tracker import log_stage
+
+    spec = STAGE_RECORDS[stage]
+    log_stage(tracker, stage, spec.logged_metrics(record), spec.artifact_paths(folders))
 
 
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
@@ -121,17 +128,12 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
 def _write_training_outputs(
     result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
 ) -> None:
-    from vae.atomic import atomic_write_json, atomic_write_text
-    from vae.mlops.mlflow_tracker import log_stage
+    from vae.atomic import atomic_write_csv, atomic_write_json
 
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(result.history[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(result.history)
-    atomic_write_text(Path(args.plots) / "train.csv", buf.getvalue())
+    atomic_write_csv(Path(args.plots) / "train.csv", result.history)
     if tracker is not None:
-        log_stage(tracker, "train", result.metrics, [Path(args.plots) / "train.csv"])
+        _log(tracker, "train", result.metrics, _folders(args))
         tracker.finish()
         if problem := tracker.report():
             log.warning("vae train: %s", problem)
@@ -172,7 +174,6 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import float_images, load_split
     from vae.evaluation.evaluate import evaluate
-    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -183,7 +184,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
         model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
     )
     atomic_write_json(Path(args.metrics) / "eval.json", metrics)
-    log_stage(tracker, "evaluate", metrics, [Path(args.metrics) / "eval.json"])
+    _log(tracker, "evaluate", metrics, _folders(args))
     log.info(
         "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
         -metrics["elbo"],
@@ -198,7 +199,6 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
     from vae.evaluation.export import export
-    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -207,11 +207,9 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     splits = {
         name: load_split(prepared / f"{name}.pt", device) for name in ("train", "val", "test")
     }
-    metrics = export(
-        model, splits, cfg.data.binarize, cfg.export, Path(args.out), seed=cfg.export.seed
-    )
+    metrics = export(model, splits, cfg.data.binarize, cfg.export, Path(args.out))
     atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
-    log_stage(tracker, "export", metrics, [Path(args.metrics) / "downstream.json"])
+    _log(tracker, "export", metrics, _folders(args))
     log.info(
         "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
         metrics["linear_probe_accuracy"] or 0.0,
@@ -227,14 +225,13 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.core.sampler import SAMPLER_FILE, save_sampler
     from vae.data.splits import load_split
     from vae.evaluation.generate import fit_latent_sampler, generate
-    from vae.mlops.mlflow_tracker import log_stage
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
     tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
     gmm = fit_latent_sampler(
-        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate, cfg.generate.seed
+        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate
     )
     sampler = Path(args.models) / SAMPLER_FILE
     atomic_write_with(sampler, lambda tmp: save_sampler(tmp, cfg.generate.sampler, gmm))
@@ -246,7 +243,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
         Path(args.out),
         class_names=manifest.get("classes"),
     )
-    log_stage(tracker, "generate", {}, [*(Path(p) for p in paths.values()), sampler])
+    _log(tracker, "generate", {}, _folders(args, reports=args.out))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
@@ -273,7 +270,6 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     from vae.core.sampler import SAMPLER_FILE, load_sampler
     from vae.data.splits import load_split
     from vae.evaluation.score import load_classifier, score
-    from vae.mlops.mlflow_tracker import log_stage
 
     prepared, models = Path(args.data), Path(args.models)
     _check_prepared(cfg, prepared)
@@ -289,7 +285,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
         result = score(model, gmm, net, train, test, cfg.data.binarize, cfg.score)
         result.update(sampler=kind, classifier_test_accuracy=classifier["test_accuracy"])
     atomic_write_json(out, result)
-    log_stage(tracker, "score", result, [out])
+    _log(tracker, "score", result, _folders(args))
     for name, m in result.get("sets", {}).items():
         log.info(
             "%-15s fid %8.2f  precision %.3f  recall %.3f",
@@ -302,7 +298,6 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.mlops.mlflow_tracker import log_stage
     from vae.mlops.publish import not_registered, publish
 
     out = Path(args.metrics) / "registry.json"
@@ -324,23 +319,28 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     model.latent_sampler = _chosen_sampler(Path(args.models))
     decision = publish(cfg, model, tracker.run_id, manifest, Path(args.data), Path(args.metrics))
     atomic_write_json(out, decision)
-    logged = {k: decision[k] for k in ("version", "promoted") if decision[k] is not None}
-    log_stage(tracker, "register", logged, [out])
+    _log(tracker, "register", decision, _folders(args))
 
 
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
-    """Re-send the local records of the last pipeline run to MLflow (after a tracking outage)."""
+    """Re-send the local records of the last pipeline run to MLflow (after a tracking outage):
+    the per-epoch rows, and every stage's record of :data:`STAGE_RECORDS` that is there."""
     from vae.atomic import load_json
-    from vae.mlops.mlflow_tracker import relog_records, start_pipeline_run
+    from vae.mlops.mlflow_tracker import relog_history, start_pipeline_run
 
     if not cfg.mlflow.enabled:
         raise StageError("mlflow.enabled is false; nothing to log")
     manifest = _check_prepared(cfg, Path(args.data))
-    metrics, plots, reports = Path(args.metrics), Path(args.plots), Path(args.reports)
+    metrics, folders = Path(args.metrics), _folders(args)
     device = load_json(metrics / "train.json").get("device", "unknown")
     tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
     assert tracker is not None
-    relog_records(tracker, metrics, plots, sorted(reports.glob("*.png")))
+    relog_history(tracker, Path(args.plots) / "train.csv")
+    for stage, spec in STAGE_RECORDS.items():
+        if spec.metrics is not None and (metrics / spec.metrics).is_file():
+            _log(tracker, stage, load_json(metrics / spec.metrics), folders)
+        elif spec.metrics is None and spec.artifact_paths(folders):
+            _log(tracker, stage, {}, folders)
     tracker.finish()
     if problem := tracker.report():
         raise StageError(problem)

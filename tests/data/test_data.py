@@ -11,15 +11,13 @@ from tests.conftest import idx_bytes, write_idx_dataset
 from vae.config import DataConfig
 from vae.data.prepare import prepare
 from vae.data.raw import (
-    DataError,
-    DataUnavailable,
     check_source,
     download,
     ingest,
     read_idx,
     read_source,
 )
-from vae.data.splits import load_split
+from vae.data.splits import DataError, DataUnavailable, load_split
 
 
 def test_idx_round_trip(tmp_path: Path) -> None:

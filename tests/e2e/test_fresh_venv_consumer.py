@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -146,6 +147,35 @@ def test_models_serve_from_the_consumer_venv(
         status, body = post_json(f"http://127.0.0.1:{port}/invocations", {"inputs": x.tolist()})
     assert status == 200, body
     np.testing.assert_allclose(body["predictions"], _expected(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_version_from_before_the_move_runs_its_own_code(
+    store: tuple[str, torch.nn.Module], consumer_venv: Path, tmp_path: Path
+) -> None:
+    """The model logged with the flat vae/ (tests/fixtures/pre_move_model), in the venv that
+    holds only its requirements, from another folder: it imports the flat modules it ships.
+    Before test_core_install_runs_the_consumer_commands, which installs today's vae here."""
+    uri, _ = store
+    old = REPO / "tests" / "fixtures" / "pre_move_model"
+    shutil.copytree(old / "model", tmp_path / "model")
+    code = (
+        "import json, sys, mlflow, numpy as np\n"
+        "m = mlflow.pyfunc.load_model('model')\n"
+        f"x = np.load({str(old / 'x.npy')!r})\n"
+        "np.save('encode.npy', m.predict(x))\n"
+        "np.save('generate.npy', m.predict(x[:1], params={'mode': 'generate', 'n': 3}))\n"
+        "print(json.dumps({'vae': sys.modules['vae'].__file__,"
+        " 'flat': 'vae.model' in sys.modules, 'rooms': 'vae.core' in sys.modules}))\n"
+    )
+    out = _python(consumer_venv, code, tmp_path, uri)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["vae"] == str(tmp_path / "model" / "code" / "vae" / "__init__.py"), info
+    assert info["flat"] and not info["rooms"], info  # the old layout's own modules
+    for mode in ("encode", "generate"):
+        np.testing.assert_allclose(
+            np.load(tmp_path / f"{mode}.npy"), np.load(old / f"{mode}.npy"), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_core_install_runs_the_consumer_commands(

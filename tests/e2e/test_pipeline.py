@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 from tests.evaluation.test_evaluate import KEYS
 from tests.evaluation.test_export import SCORE_KEYS
+from vae.imports import closure, imports_in, module_file, vae_imports
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
@@ -301,47 +302,32 @@ def test_folder_source_changes_rerun_ingest_and_prepare(tmp_path: Path) -> None:
     assert [sum(s["count"] for s in m["splits"].values()) for m in hashes] == [20, 21, 20, 20]
 
 
-def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
-    """Every node, except those under ``if TYPE_CHECKING:`` (imports for annotations only)."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+def stage_deps(stage: str) -> set[str]:
+    """The vae/ files that ``vae <stage>`` can import: its command function, the stage helpers
+    it calls (transitively), and what their imports import (vae.imports; package __init__
+    files hold a docstring only, tests/test_layout.py)."""
+    stages_py = ast.parse((REPO / "vae/stages.py").read_text())
+    functions = {f.name: f for f in stages_py.body if isinstance(f, ast.FunctionDef)}
+    todo, seen = [f"cmd_{stage.replace('-', '_')}"], set()
+    while todo:
+        if (name := todo.pop()) in seen:
             continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
-def _vae_imports(tree: ast.AST) -> set[str]:
-    found = set()
-    for node in _runtime_nodes(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vae"):
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("vae"))
-    return {m for m in found if (REPO / (m.replace(".", "/") + ".py")).is_file()}
+        seen.add(name)
+        todo += [
+            n.func.id
+            for n in ast.walk(functions[name])
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in functions
+        ]
+    roots = {"vae.stages", *(i.module for f in seen for i in imports_in(functions[f]))}
+    roots.discard("vae.stages")  # its module-level imports only: config, outputs, errors
+    roots |= {i.module for i in vae_imports(REPO / "vae/stages.py") if not i.deferred}
+    files = {module_file(m) for m in closure(roots)}
+    return {str(p.relative_to(REPO)) for p in files if p and p.name != "__init__.py"}
 
 
 def test_stage_deps_list_every_module_the_stage_imports() -> None:
     """dvc.yaml stays true: each stage's deps name every vae/ module its command can import."""
-    stages_py = ast.parse((REPO / "vae/stages.py").read_text())
-    functions = {f.name: f for f in stages_py.body if isinstance(f, ast.FunctionDef)}
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage, spec in dvc.items():
-        cmd = functions[f"cmd_{stage.replace('-', '_')}"]
-        called = {
-            n.func.id
-            for n in ast.walk(cmd)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in functions
-        }
-        todo = _vae_imports(cmd) | set().union(*(_vae_imports(functions[f]) for f in called))
-        seen: set[str] = set()
-        while todo:
-            mod = todo.pop()
-            if mod not in seen:
-                seen.add(mod)
-                todo |= _vae_imports(
-                    ast.parse((REPO / (mod.replace(".", "/") + ".py")).read_text())
-                )
-        needed = {m.replace(".", "/") + ".py" for m in seen} - {"vae/__init__.py"}
-        missing = needed - set(spec["deps"])
+        missing = stage_deps(stage) - set(spec["deps"])
         assert not missing, f"{stage}: add {sorted(missing)} to its deps in dvc.yaml"

@@ -183,7 +183,7 @@ def test_unexpected_exception_exits_70_with_its_traceback(
     monkeypatch.setattr(sys, "argv", ["vae", "-q", "prepare"])
     with pytest.raises(SystemExit) as info:
         vae.cli.run()
-    assert info.value.code == vae.cli.EXIT_SOFTWARE == 70  # retryable, unlike 1 and 2
+    assert info.value.code == vae.errors.EXIT_SOFTWARE == 70  # retryable, unlike 1 and 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "ZeroDivisionError: a bug, not bad input" in err
     monkeypatch.setattr(sys, "argv", ["vae", "-q", "train", "--data", "nowhere"])
@@ -206,7 +206,8 @@ def test_failed_download_exits_75(
 ) -> None:
     import torchvision.datasets
 
-    from vae.cli import EXIT_TEMPFAIL, main
+    from vae.cli import main
+    from vae.errors import EXIT_TEMPFAIL
 
     def offline(*args: object, **kwargs: object) -> None:
         raise OSError("no network")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -11,14 +12,8 @@ from tests.conftest import mlp_config
 from vae.config import ExportConfig
 from vae.core.model import VAE, embed
 from vae.data.splits import Split, float_images
-from vae.evaluation.export import (
-    downstream_metrics,
-    embeddings_frame,
-    export,
-    knn_predict,
-    latent_matrix,
-    read_embeddings,
-)
+from vae.evaluation.export import embeddings_frame, export, latent_matrix, read_embeddings
+from vae.evaluation.probes import downstream_metrics, knn_predict
 
 SHAPE = (1, 8, 8)
 CFG = ExportConfig(batch_size=7, knn_k=3, probe_max_iter=200)
@@ -78,7 +73,7 @@ def test_embeddings_frame_columns_and_dtypes() -> None:
 @pytest.mark.parametrize("binarize", ["none", "dynamic"])
 def test_export_parquet_round_trips(tmp_path: Path, binarize: str) -> None:
     model, splits = _model(), _splits()
-    metrics = export(model, splits, binarize, CFG, tmp_path / "emb", seed=3)
+    metrics = export(model, splits, binarize, replace(CFG, seed=3), tmp_path / "emb")
     for name, split in splits.items():
         df = read_embeddings(tmp_path / "emb" / f"{name}.parquet")
         assert list(df.columns) == _columns(3) and len(df) == len(split)

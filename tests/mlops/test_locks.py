@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import project_env, subprocess_env
-from tests.mlops.test_mlflow import NAME, make_project, run_pipeline
+from tests.mlops.mlflow_helpers import NAME, make_project, run_pipeline
 from vae.locks import LockTimeout, file_lock, registry_lock_path
 
 HOLD = (
@@ -96,7 +96,8 @@ def test_a_lock_held_too_long_exits_75(
     trained: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import vae.mlops.registry
-    from vae.cli import EXIT_TEMPFAIL, main
+    from vae.cli import main
+    from vae.errors import EXIT_TEMPFAIL
 
     root, uri = trained
     monkeypatch.setattr(vae.mlops.registry, "REGISTER_LOCK_TIMEOUT", 0.5)

@@ -20,6 +20,8 @@ from typing import IO
 
 import numpy as np
 
+from vae.errors import PermanentError
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "Batch",
@@ -34,7 +36,7 @@ __all__ = [
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-class InputError(ValueError):
+class InputError(PermanentError, ValueError):
     """An input the model cannot take (missing, unreadable, wrong size), in one line."""
 
 

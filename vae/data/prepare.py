@@ -19,7 +19,8 @@ import torch
 
 from vae.atomic import atomic_torch_save, atomic_write_json
 from vae.config import DataConfig
-from vae.data.raw import DataError, Split, read_source
+from vae.data.raw import read_source
+from vae.data.splits import DataError, Split
 
 __all__ = ["binarize_uint8", "prepare"]
 

@@ -30,14 +30,13 @@ from typing import Any
 
 import torch
 
+from vae.data.splits import DataError, DataUnavailable, Split
+
 __all__ = [
     "CLASSES",
     "DEBIAN_SOURCES",
     "IDX_FILES",
-    "DataError",
-    "DataUnavailable",
     "RawData",
-    "Split",
     "check_source",
     "download",
     "idx_files",
@@ -76,23 +75,6 @@ CLASSES = {
 }
 TORCHVISION = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DataError(RuntimeError):
-    """A dataset problem, with a message that names the file."""
-
-
-class DataUnavailable(DataError):
-    """The download failed: trying again later may work."""
-
-
-@dataclass(frozen=True)
-class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64; -1 where unlabelled
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Prepared data for training and evaluation: load a split, draw float batches on its device.
+"""Splits: the Split type and data errors; load a prepared split, draw float batches on its device.
 
 The whole split sits on the device as uint8 (47 MB for Fashion-MNIST); batches are drawn by
 indexing it and converted here, binarized afresh (``dynamic``) or once (``float_images``).
@@ -7,11 +7,12 @@ indexing it and converted here, binarized afresh (``dynamic``) or once (``float_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from vae.data.raw import DataError, DataUnavailable, Split
+from vae.errors import PermanentError, RetryableError
 
 __all__ = [
     "DataError",
@@ -21,6 +22,23 @@ __all__ = [
     "float_images",
     "load_split",
 ]
+
+
+class DataError(PermanentError, RuntimeError):
+    """A dataset problem, with a message that names the file."""
+
+
+class DataUnavailable(RetryableError, DataError):
+    """The download failed: trying again later may work."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64; -1 where unlabelled
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
 
 
 def load_split(path: str | Path, device: torch.device | str = "cpu") -> Split:

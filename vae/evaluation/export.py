@@ -11,8 +11,8 @@ pyfunc, Spark), so a row of the table is the vector they get for the same image.
 binarization would be worse: it throws away information the grey value holds, and an embedding
 of it carries that draw's noise (benchmarks/README.md, "Embeddings").
 
-Usefulness is measured on the test split by two classifiers trained on the train split: a
-linear probe (logistic regression on standardised features) and a k-nearest-neighbour vote.
+Usefulness is measured on the test split by two classifiers trained on the train split
+(:mod:`vae.evaluation.probes`): a linear probe and a k-nearest-neighbour vote.
 The same two classifiers on raw pixels give the baseline the latents should be compared with.
 Images labelled -1 (an unlabelled image folder) are skipped; with no labels the scores are None.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,139 +31,18 @@ from vae.atomic import atomic_write_with
 from vae.config import ExportConfig
 from vae.core.model import VAE, embed
 from vae.data.splits import Split, batch_to_float, float_images
+from vae.evaluation.probes import downstream_metrics
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = [
-    "downstream_metrics",
-    "embed",
-    "embeddings_frame",
-    "export",
-    "knn_predict",
-    "latent_matrix",
-    "read_embeddings",
-]
+__all__ = ["embeddings_frame", "export", "latent_matrix", "read_embeddings"]
 
 log = logging.getLogger(__name__)
 
 # Logistic regression on 54000 x 784 pixels takes minutes on two cores; a seeded subsample of
 # this many training rows keeps the pixel baseline to seconds while staying a fair baseline.
 PIXEL_PROBE_MAX_ROWS = 10_000
-_KNN_BLOCK_ELEMENTS = 2**25  # distances held at once by knn_predict (128 MB of float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Maths
-
-
-@torch.no_grad()
-def knn_predict(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int
-) -> torch.Tensor:
-    """Majority vote of the k nearest (Euclidean) training rows; ties go to the smaller label.
-
-    train_x (N, F), train_y (N,) int64 >= 0, test_x (M, F) -> predictions (M,) int64.
-    Distances are computed block by block as |a|^2 - 2 a.b + |b|^2 (one matmul per block), so
-    memory stays bounded for 54000 x 10000 pairs. Runs on ``train_x``'s device.
-    """
-    k = min(k, train_x.shape[0])
-    train_x = train_x.float()
-    test_x = test_x.float().to(train_x.device)
-    train_y = train_y.to(train_x.device)
-    n_classes = int(train_y.max()) + 1
-    train_sq = train_x.pow(2).sum(1)  # (N,)
-    rows = max(1, _KNN_BLOCK_ELEMENTS // max(1, train_x.shape[0]))
-    preds = []
-    for i in range(0, test_x.shape[0], rows):
-        x = test_x[i : i + rows]  # (B, F)
-        # |x|^2 is the same for every training row, so it cannot change the ranking: skip it.
-        d = train_sq.unsqueeze(0) - 2.0 * (x @ train_x.T)  # (B, N)
-        idx = d.topk(k, dim=1, largest=False).indices  # (B, k)
-        votes = torch.nn.functional.one_hot(train_y[idx], n_classes).sum(1)  # (B, n_classes)
-        preds.append(votes.argmax(1))  # argmax returns the first maximum: the smaller label
-    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.long)
-
-
-def _linear_probe(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    max_iter: int,
-) -> float:
-    """Accuracy of multinomial logistic regression on features standardised with train stats."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    xtr, ytr = train_x.float().cpu().numpy(), train_y.cpu().numpy()
-    xte, yte = test_x.float().cpu().numpy(), test_y.cpu().numpy()
-    if len(set(ytr.tolist())) < 2:  # one class: any classifier predicts it
-        return float((yte == ytr[0]).mean())
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        clf.fit(xtr, ytr)
-    if any(issubclass(w.category, ConvergenceWarning) for w in caught):
-        log.warning(
-            "linear probe did not converge in %d iterations (export.probe_max_iter)", max_iter
-        )
-    return float(clf.score(xte, yte))
-
-
-def downstream_metrics(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    cfg: ExportConfig,
-    probe_max_rows: int | None = None,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Linear-probe and kNN test accuracy of features trained on ``train``.
-
-    train_x (N, F), train_y (N,), test_x (M, F), test_y (M,). Rows with a label < 0 are
-    skipped. ``probe_max_rows`` caps the probe's training rows with a subsample seeded by
-    ``seed`` (kNN always uses every labelled row). Returns ``linear_probe_accuracy``,
-    ``knn_accuracy`` (None without labelled train and test rows), the seconds each took and the
-    rows each used.
-    """
-    train_y, test_y = train_y.to(train_x.device), test_y.to(test_x.device)
-    keep_tr, keep_te = train_y >= 0, test_y >= 0
-    train_x, train_y = train_x[keep_tr], train_y[keep_tr].long()
-    test_x, test_y = test_x[keep_te], test_y[keep_te].long()
-    n_train, n_test = train_x.shape[0], test_x.shape[0]
-    probe_rows = n_train if probe_max_rows is None else min(n_train, probe_max_rows)
-    out: dict[str, Any] = {
-        "linear_probe_accuracy": None,
-        "knn_accuracy": None,
-        "linear_probe_seconds": 0.0,
-        "knn_seconds": 0.0,
-        "linear_probe_train_rows": probe_rows if n_test else 0,
-        "knn_train_rows": n_train if n_test else 0,
-        "test_rows": n_test if n_train else 0,
-    }
-    if n_train == 0 or n_test == 0:
-        return out
-
-    t0 = time.perf_counter()
-    if probe_rows < n_train:
-        gen = torch.Generator().manual_seed(seed)
-        sub = torch.randperm(n_train, generator=gen)[:probe_rows].sort().values
-        sub = sub.to(train_x.device)
-        px, py = train_x[sub], train_y[sub]
-    else:
-        px, py = train_x, train_y
-    out["linear_probe_accuracy"] = _linear_probe(px, py, test_x, test_y, cfg.probe_max_iter)
-    out["linear_probe_seconds"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    pred = knn_predict(train_x, train_y, test_x, cfg.knn_k)
-    out["knn_accuracy"] = int((pred == test_y.cpu()).sum()) / n_test
-    out["knn_seconds"] = time.perf_counter() - t0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +102,6 @@ def _scores(
     binarize: str,
     cfg: ExportConfig,
     pixel_probe_max_rows: int | None,
-    seed: int,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Probe and k-NN scores of the embeddings, the pixels the model sees, and grey pixels."""
     if "train" in splits and "test" in splits:
@@ -237,7 +114,6 @@ def _scores(
             test_y,
             cfg,
             probe_max_rows=pixel_probe_max_rows,
-            seed=seed,
         )
         # Grey pixels, the stronger baseline: binarization throws information away.
         grey_scores = pixel
@@ -249,7 +125,6 @@ def _scores(
                 test_y,
                 cfg,
                 probe_max_rows=pixel_probe_max_rows,
-                seed=seed,
             )
     else:
         none_x, none_y = torch.empty(0, 1), torch.empty(0, dtype=torch.long)
@@ -263,7 +138,6 @@ def export(
     binarize: str,
     cfg: ExportConfig,
     out_dir: Path,
-    seed: int = 0,
     pixel_probe_max_rows: int | None = PIXEL_PROBE_MAX_ROWS,
 ) -> dict[str, Any]:
     """Write ``out_dir/{split}.parquet`` for every split and return the downstream metrics.
@@ -271,7 +145,7 @@ def export(
     The embedded images are the grey pixels (module docstring). Scores train on ``train`` and
     test on ``test`` (None when either is missing or unlabelled): on the embeddings (mu) and, as
     the baselines, on the pixels the model sees (``pixel_*``: for dynamic data one fixed
-    binarization seeded by ``seed``) and on the grey pixels (``grey_pixel_*``), whose linear
+    binarization seeded by ``cfg.seed``) and on the grey pixels (``grey_pixel_*``), whose linear
     probes train on at most ``pixel_probe_max_rows`` rows.
     """
     t_start = time.perf_counter()
@@ -289,7 +163,7 @@ def export(
         if name in ("train", "test"):
             grey[name] = x.flatten(1)
             # without binarization the model sees the grey pixels: no second copy
-            seen = x if binarize == "none" else float_images(split, binarize, seed)
+            seen = x if binarize == "none" else float_images(split, binarize, cfg.seed)
             pixels[name] = seen.flatten(1)
         t0 = time.perf_counter()
         frame = embeddings_frame(name, split.labels, mus[name], logvar)
@@ -300,7 +174,7 @@ def export(
         rows[f"rows_{name}"] = len(split)
 
     latent, pixel, grey_scores = _scores(
-        splits, mus, pixels, grey, binarize, cfg, pixel_probe_max_rows, seed
+        splits, mus, pixels, grey, binarize, cfg, pixel_probe_max_rows
     )
     metrics = {
         "linear_probe_accuracy": latent["linear_probe_accuracy"],

@@ -197,14 +197,14 @@ def generate(
 
 
 def fit_latent_sampler(
-    model: VAE, train: Split, binarize: str, cfg: GenerateConfig, seed: int, batch_size: int = 1000
+    model: VAE, train: Split, binarize: str, cfg: GenerateConfig, batch_size: int = 1000
 ) -> GaussianMixture:
     """The mixture of ``cfg.gmm_components`` Gaussians fitted to the training posterior means.
 
-    The training images are ``float_images(train, binarize, seed)``: for dynamic binarization,
+    The training images are ``float_images(train, binarize, cfg.seed)``: for dynamic binarization,
     one fixed draw.
     """
-    mu, _ = embed(model, float_images(train, binarize, seed), batch_size)  # (N, D) on the CPU
+    mu, _ = embed(model, float_images(train, binarize, cfg.seed), batch_size)  # (N, D) on the CPU
     return fit_gmm(mu, cfg.gmm_components, cfg.seed)
 
 

@@ -2,45 +2,35 @@
 
 This is the only module the training path imports mlflow from. One pipeline run is one MLflow
 run: ``vae train`` creates it and writes its id to ``models/mlflow_run.json`` (a DVC-tracked
-file); ``evaluate``, ``export``, ``generate`` and ``register`` read that file and log into the
-same run.
-
-The tracking URI is ``MLFLOW_TRACKING_URI`` when set (a team server: credentials come from
-``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``, never
-from params), else the project's ``mlflow.db``. The project is DVC's ``DVC_ROOT`` when DVC runs
-the command, so an experiment that runs in a temporary copy (``dvc exp run --temp``, queued
-experiments) logs into the project's store, not the copy's; otherwise it is the current folder.
+file); ``evaluate``, ``export``, ``generate``, ``score`` and ``register`` read that file and log
+into the same run. Which store, and the client, come from :mod:`vae.mlops.store`.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-import os
-import re
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vae.atomic import atomic_write_json, load_json
 from vae.config import Config, MlflowConfig
-from vae.mlops.lineage import dvc_root, run_tags
+from vae.errors import PermanentError
+from vae.mlops import store
+from vae.mlops.lineage import run_tags
+from vae.mlops.store import check_reachable, local_store, project_root, redact, tracking_uri
 
 __all__ = [
     "MlflowTracker",
     "RunNotFound",
-    "TrackingUnavailable",
-    "check_reachable",
     "flatten_metrics",
     "log_stage",
     "open_run",
-    "relog_records",
+    "relog_history",
     "start_pipeline_run",
     "tracker_from_run_file",
-    "tracking_uri",
 ]
 
 if TYPE_CHECKING:
@@ -49,50 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached."""
-
-
-class RunNotFound(RuntimeError):
+class RunNotFound(PermanentError, RuntimeError):
     """The run named by ``models/mlflow_run.json`` is not in this tracking store."""
-
-
-def project_root(root: str | Path | None = None) -> Path:
-    """The project whose ``mlflow.db`` is the default store: ``root``, DVC_ROOT, or the cwd."""
-    return Path(root or dvc_root() or Path.cwd()).resolve()
-
-
-def local_store(root: str | Path | None = None) -> str:
-    return f"sqlite:///{project_root(root) / 'mlflow.db'}"
-
-
-def tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI``, else the project's ``sqlite:///<project>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or local_store(root)
-
-
-def redact(uri: str) -> str:
-    """Hide a password in ``scheme://user:password@host`` before it reaches a log or a tag."""
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail within seconds, naming the URI, if an HTTP tracking server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            if resp.status >= 500:
-                raise TrackingUnavailable(f"{redact(uri)} answered {resp.status}")
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        if isinstance(exc, urllib.error.HTTPError) and exc.code < 500:
-            return  # it answers; /health may just be behind auth or a proxy
-        reason = getattr(exc, "reason", exc)
-        raise TrackingUnavailable(
-            f"MLflow tracking server {redact(uri)} is unreachable ({reason}); start it, fix "
-            "MLFLOW_TRACKING_URI, or unset it to track in the project's mlflow.db"
-        ) from None
 
 
 def flatten_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -196,16 +144,6 @@ class MlflowTracker:
         )
 
 
-def _client(uri: str) -> Any:
-    # Fail over in seconds, not minutes, when a server is down (users can still override).
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
 def open_run(
     cfg: MlflowConfig, run_file: Path, params: dict[str, Any], run_name: str | None = None
 ) -> MlflowTracker:
@@ -216,7 +154,7 @@ def open_run(
     """
     uri = tracking_uri()
     check_reachable(uri)
-    client = _client(uri)
+    client = store.client(uri)
     exp = client.get_experiment_by_name(cfg.experiment)
     exp_id = exp.experiment_id if exp else _create_experiment(client, cfg.experiment, uri)
     run_id = None
@@ -278,7 +216,7 @@ def tracker_from_run_file(run_file: Path) -> MlflowTracker | None:
     )
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise missing  # and opening it would leave an empty store behind
-    client = _client(uri)
+    client = store.client(uri)
     try:
         client.get_run(run_id)
     except Exception as exc:
@@ -336,20 +274,10 @@ def log_stage(
         logging.getLogger("vae").warning("vae %s: %s", stage, problem)
 
 
-def relog_records(
-    tracker: MlflowTracker, metrics: Path, plots: Path, reports: Sequence[Path]
-) -> None:
-    """Send a finished pipeline's local records (``metrics/``, ``plots/train.csv``, report
-    images) into ``tracker``'s run, as the stages would have."""
-    with open(plots / "train.csv") as f:
+def relog_history(tracker: MlflowTracker, history: Path) -> None:
+    """Send the per-epoch rows of ``plots/train.csv`` into ``tracker``'s run, each at its epoch,
+    as the training loop's tracking callback would have."""
+    with open(history) as f:
         for row in csv.DictReader(f):
             epoch = int(row.pop("epoch"))
             tracker.log_metrics({k: float(v) for k, v in row.items()}, step=epoch)
-    for stage, name, extra in (
-        ("train", "train.json", [plots / "train.csv"]),
-        ("evaluate", "eval.json", [metrics / "eval.json"]),
-        ("export", "downstream.json", [metrics / "downstream.json"]),
-        ("generate", None, list(reports)),
-    ):
-        if name is None or (metrics / name).is_file():
-            log_stage(tracker, stage, load_json(metrics / name) if name else {}, extra)

@@ -1,10 +1,11 @@
 """What a logged model carries: its inference code, signature, requirements and description.
 
 A registered version must load wherever MLflow is, without this repository. So the logged model
-ships a trimmed copy of this package, ``code/vae/`` with only :data:`INFERENCE_MODULES`. It goes
-as a package folder, not as loose files: MLflow copies each of ``code_paths`` by its base name
-and puts ``code/`` first on ``sys.path``, so loose files would break ``import vae.core.model``
-(and a file named like a stdlib module would shadow it).
+ships a trimmed copy of this package, ``code/vae/``: the ``vae/core/`` folder whole, and the
+modules that :mod:`vae.pyfunc` imports, transitively (:func:`shipped_files`, read off the import
+graph: no list kept by hand). It goes as a package folder, not as loose files: MLflow copies each
+of ``code_paths`` by its base name and puts ``code/`` first on ``sys.path``, so loose files would
+break ``import vae.core.model`` (and a file named like a stdlib module would shadow it).
 """
 
 from __future__ import annotations
@@ -17,42 +18,38 @@ from typing import Any
 
 import numpy as np
 
-import vae
 from vae.core.model import VAE
+from vae.imports import ROOT, closure, module_file, module_name
 from vae.pyfunc import DEFAULT_PARAMS, MAX_ROWS, save_vae_dir
 
 __all__ = [
-    "INFERENCE_MODULES",
+    "LOADER",
     "describe_version",
     "log_model",
     "pyfunc_signature",
     "requirements",
     "ship_code",
+    "shipped_files",
     "usage_snippet",
 ]
 
-# What vae.pyfunc imports, transitively; tests/e2e/test_fresh_venv_consumer.py proves it enough.
-INFERENCE_MODULES = (
-    "__init__.py",
-    "config.py",
-    "core/__init__.py",
-    "core/distributions.py",
-    "core/hierarchy.py",
-    "core/layers.py",
-    "core/model.py",
-    "pyfunc.py",
-    "core/resnet.py",
-    "core/sampler.py",
-)
+LOADER = "vae.pyfunc"  # the loader module every registered version's MLmodel names
+
+
+def shipped_files(root: Path = ROOT) -> list[str]:
+    """The files of ``code/vae/``, relative to the package: ``core/`` whole, and every module
+    that :data:`LOADER` and ``core`` import, transitively (their parent packages included)."""
+    core = [module_name(p, root) for p in sorted((root / "core").glob("**/*.py"))]
+    files = {module_file(m, root) for m in closure([LOADER, *core], root=root)}
+    return sorted(str(p.relative_to(root)) for p in files if p is not None)
 
 
 def ship_code(dest: Path) -> Path:
-    """Copy the inference modules into ``dest/vae`` (a package folder); returns that folder."""
-    src, pkg = Path(vae.__file__).parent, dest / "vae"
-    pkg.mkdir(parents=True)
-    for name in INFERENCE_MODULES:
-        (pkg / name).parent.mkdir(exist_ok=True)
-        shutil.copy2(src / name, pkg / name)
+    """Copy :func:`shipped_files` into ``dest/vae`` (a package folder); returns that folder."""
+    pkg = dest / "vae"
+    for name in shipped_files():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, pkg / name)
     return pkg
 
 
@@ -84,7 +81,7 @@ def log_model(model: VAE, run_id: str) -> str:
     """Log ``model`` into run ``run_id`` as a self-contained pyfunc model; returns its URI."""
     import mlflow
 
-    from vae.mlops.mlflow_tracker import tracking_uri
+    from vae.mlops.store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +90,7 @@ def log_model(model: VAE, run_id: str) -> str:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                loader_module="vae.pyfunc",
+                loader_module=LOADER,
                 data_path=str(Path(tmp) / "data" / "vae"),
                 code_paths=[str(code)],
                 signature=pyfunc_signature(model.image_shape),

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from vae.core.model import VAE
+from vae.errors import PermanentError
+from vae.mlops import store
 from vae.mlops.packaging import describe_version, log_model
 from vae.pyfunc import load_vae_dir
 
@@ -41,7 +43,7 @@ TAGGED_METRICS = (
 )
 
 
-class RegistryError(RuntimeError):
+class RegistryError(PermanentError, RuntimeError):
     """A registry problem (unknown model, alias or URI), in one line."""
 
 
@@ -63,14 +65,6 @@ def decide_promotion(
         f"nll_iw {new_nll:.3f} is not lower than champion v{champion_version}'s "
         f"{champion_nll:.3f} nats; the champion stays"
     )
-
-
-def _client() -> Any:
-    from mlflow.tracking import MlflowClient
-
-    from vae.mlops.mlflow_tracker import tracking_uri
-
-    return MlflowClient(tracking_uri=tracking_uri())
 
 
 def _champion(client: Any, name: str) -> Any | None:
@@ -106,7 +100,7 @@ def register(
     scheduled flow) never both read the same champion and both move it.
     """
     from vae.locks import file_lock, registry_lock_path
-    from vae.mlops.mlflow_tracker import tracking_uri
+    from vae.mlops.store import tracking_uri
 
     model_uri = log_model(model, run_id)
     uri = tracking_uri()
@@ -126,7 +120,7 @@ def _register_and_gate(
     reevaluate: Callable[[VAE], float],
     tags: dict[str, str] | None,
 ) -> dict[str, Any]:
-    client = _client()
+    client = store.client()
     version = _new_version(client, model, model_uri, name, run_id, eval_metrics)
     new_nll = _finite(eval_metrics.get("nll_iw")) if eval_metrics else None
     all_tags = {
@@ -209,9 +203,9 @@ def reregister(model_uri: str) -> dict[str, Any]:
     aliases, ``champion`` included: same weights, same scores. The old version stays.
     """
     from vae.locks import file_lock, registry_lock_path
-    from vae.mlops.mlflow_tracker import tracking_uri
+    from vae.mlops.store import tracking_uri
 
-    client = _client()
+    client = store.client()
     old = _resolve_version(client, model_uri)
     model = load_vae(f"models:/{old.name}/{old.version}")
     new_uri = log_model(model, old.run_id)
@@ -265,7 +259,7 @@ def load_vae(model_uri: str, device: str = "cpu") -> VAE:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vae.mlops.mlflow_tracker import tracking_uri
+    from vae.mlops.store import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     try:

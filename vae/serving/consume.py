@@ -25,6 +25,7 @@ import numpy as np
 
 from vae.config import ModelConfig
 from vae.data.images import Batch, count_images, expand_inputs, iter_batches
+from vae.errors import PermanentError
 
 __all__ = [
     "ConsumerError",
@@ -42,7 +43,7 @@ __all__ = [
 BATCH = 512
 
 
-class ConsumerError(RuntimeError):
+class ConsumerError(PermanentError, RuntimeError):
     """A model that cannot be found or loaded, in one line."""
 
 

@@ -18,7 +18,7 @@ from vae.training.checkpoint import save_checkpoint
 from vae.training.tracking import Tracker
 
 if TYPE_CHECKING:
-    from vae.training.train import Run
+    from vae.training.run import Run
 
 __all__ = ["Callback", "standard_callbacks"]
 

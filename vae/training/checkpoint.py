@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +22,15 @@ import vae
 from vae.atomic import atomic_torch_save
 from vae.config import Config, ConfigError, DataConfig, ModelConfig
 from vae.core.model import VAE
+from vae.errors import PermanentError
+from vae.imports import ROOT as PACKAGE
+from vae.imports import closure, module_file
 
 __all__ = [
     "CheckpointError",
     "behaviour",
     "code_fingerprint",
+    "fingerprinted_modules",
     "load_checkpoint",
     "load_model",
     "run_identity",
@@ -41,7 +44,7 @@ CHECKPOINT_FORMAT = "vae-checkpoint/1"
 MODEL_FORMAT = "vae-model/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PermanentError, RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the current params."""
 
 
@@ -69,22 +72,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _load(Path(path), CHECKPOINT_FORMAT)
 
 
-# The modules whose code decides the numbers a training step produces. A checkpoint written by
-# code that behaves differently is not resumed. What counts is behaviour, not bytes: DVC reruns
-# `train` on any byte change of a dependency, and after a comment or docstring edit that rerun
-# should be a cheap resume, not a retraining from scratch.
-_NUMERIC_MODULES = (
-    "training.train",
-    "core.model",
-    "core.layers",
-    "core.resnet",
-    "core.hierarchy",
-    "core.losses",
-    "core.distributions",
-    "data.splits",
-    "training.ema",
-    "training.numerics",
-)
+# What decides the numbers a training step produces: the training module and every vae module
+# that importing it runs, found by the import walker (no list kept by hand). A checkpoint written
+# by code that behaves differently is not resumed. Behaviour, not bytes: DVC reruns `train` on
+# any byte change of a dependency, and after a comment or docstring edit that rerun should be a
+# cheap resume, not a retraining from scratch. The callbacks (checkpoints, tracking, the log
+# line, the progress bar) are imported inside `train()`, so editing them resumes too.
+TRAINING_MODULE = "vae.training.train"
+
+
+def fingerprinted_modules(root: Path = PACKAGE) -> list[str]:
+    """The modules :func:`code_fingerprint` hashes, sorted (``root``: the vae package folder)."""
+    return sorted(closure([TRAINING_MODULE], deferred=False, root=root))
 
 
 def behaviour(source: str) -> str:
@@ -99,12 +98,12 @@ def behaviour(source: str) -> str:
     return ast.dump(tree, include_attributes=False)
 
 
-def code_fingerprint() -> str:
-    """sha256 over the behaviour (:func:`behaviour`) of the modules a training step runs."""
+def code_fingerprint(root: Path = PACKAGE) -> str:
+    """sha256 over the names and behaviour (:func:`behaviour`) of :func:`fingerprinted_modules`."""
     h = hashlib.sha256()
-    for name in _NUMERIC_MODULES:
-        module = importlib.import_module(f"vae.{name}")
-        h.update(behaviour(Path(module.__file__ or "").read_text()).encode())
+    for name in fingerprinted_modules(root):
+        h.update(name.encode())
+        h.update(behaviour((module_file(name, root) or Path(name)).read_text()).encode())
     return h.hexdigest()
 
 

@@ -17,7 +17,6 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +26,22 @@ from vae.config import Config, ConfigError
 from vae.core.losses import LossTerms, kl_weight, objective_terms
 from vae.core.model import VAE, eval_mode
 from vae.data.splits import Split, batch_to_float, float_images
+from vae.errors import PermanentError
 from vae.training.checkpoint import load_checkpoint, run_identity, save_model, why_not_resume
 from vae.training.distributed import rank_and_world
 from vae.training.ema import EMA
 from vae.training.numerics import autocast_for, flush_denormals
+from vae.training.run import Run, TrainResult
 from vae.training.tracking import Tracker
 
-__all__ = ["NonFiniteLossError", "Run", "TrainResult", "lr_at", "train"]
+__all__ = ["NonFiniteLossError", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "elbo", "recon", "kl")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(PermanentError, RuntimeError):
     """The loss became NaN or inf; the message names the first bad step."""
-
-
-@dataclass
-class TrainResult:
-    model: VAE  # the best-validation weights
-    history: list[dict[str, float]]  # one row per epoch
-    metrics: dict[str, Any]  # what metrics/train.json holds
-    resumed_from: int  # completed epochs found in the checkpoint (0 = fresh)
 
 
 def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
@@ -97,39 +90,6 @@ def evaluate_elbo(
                 terms = objective_terms(x, model(x, eps=eps), objective)
             sums += torch.stack(terms).detach().float() * x.shape[0]
     return LossTerms(*(sums / x_all.shape[0]))
-
-
-@dataclass
-class Run:
-    """What the loop carries from step to step, and what a checkpoint saves and restores."""
-
-    cfg: Config
-    model: VAE
-    net: torch.nn.Module  # what a step calls: the model, wrapped by DDP and/or compiled
-    opt: torch.optim.Optimizer
-    shuffle_gen: torch.Generator  # CPU: the epoch's permutation
-    noise_gen: torch.Generator  # on the device: binarization noise and eps
-    x_val: torch.Tensor  # the validation images, binarized once
-    autocast: contextlib.AbstractContextManager[Any]
-    n: int  # training images
-    rank: int = 0
-    world: int = 1
-    epoch: int = 0  # completed epochs
-    step: int = 0  # completed optimiser steps
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_loss: float = math.inf  # the best validation objective so far, of epoch best_epoch
-    best_epoch: int = -1
-    best_state: dict[str, torch.Tensor] | None = None
-    ema: EMA | None = None  # the averaged weights, when train.ema_decay > 0
-
-    @property
-    def evaluated(self) -> VAE:
-        """The weights that are validated, kept and registered: the EMA's, when there is one."""
-        return self.model if self.ema is None else self.ema.model
-
-    @property
-    def n_batches(self) -> int:
-        return math.ceil(self.n / self.cfg.train.batch_size)
 
 
 def train(

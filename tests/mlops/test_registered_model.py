@@ -1,4 +1,6 @@
-"""MLflow: one run per pipeline run, the registry and its promotion gate, and real consumers."""
+"""One local pipeline run with MLflow on (a SQLite store, run once per module): its run and
+registered version, the promotion gate, and the registered model as consumers use it: the pyfunc
+in this process and a fresh one, ``load_vae``, and ``mlflow models serve``."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,35 +22,19 @@ from tests.conftest import (
     post_json,
     project_env,
     serving,
-    start_server,
-    stop_server,
-    tiny_vae,
-    tracking_server_args,
-    write_idx_dataset,
+)
+from tests.mlops.mlflow_helpers import (
+    NAME,
+    _check_run_and_registry,
+    _client,
+    make_project,
+    run_pipeline,
 )
 from vae.cli import main
-from vae.mlops.mlflow_tracker import flatten_metrics
+from vae.imports import closure
 from vae.mlops.registry import decide_promotion
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
-
-NAME = "tiny-vae"
-STAGES = ["prepare", "train", "evaluate", "export", "generate", "classify", "score", "register"]
-
-
-def make_project(root: Path, **mlflow: object) -> Path:
-    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
-    params["mlflow"].update({"enabled": True, **mlflow})
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    write_idx_dataset(root / "data" / "raw")
-    return root
-
-
-def run_pipeline(root: Path, uri: str, stages: list[str] = STAGES) -> None:
-    with project_env(root, uri):
-        for stage in stages:
-            assert main(["-q", stage]) == 0, stage
 
 
 @pytest.fixture(scope="module")
@@ -58,77 +43,6 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     run_pipeline(root, uri)
     return root, uri
-
-
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _check_run_and_registry(root: Path, uri: str) -> None:
-    client = _client(uri)
-    run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
-    run = client.get_run(run_id)
-    assert client.get_experiment(run.info.experiment_id).name == "tiny"
-    assert run.info.status == "FINISHED"
-    # every param, flattened from params.yaml
-    from vae.params import load_params
-
-    with project_env(root, uri):
-        flat = load_params().flat()
-    assert run.data.params == {k: str(v) for k, v in flat.items()}
-    for tag in ("git_commit", "dataset_sha256", "device", "torch_version", "vae_version"):
-        assert run.data.tags.get(tag), tag
-    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
-    assert run.data.tags["dataset_sha256"] == manifest["dataset_sha256"]
-    # per-epoch metrics with their step
-    history = client.get_metric_history(run_id, "val_nelbo")
-    assert sorted(m.step for m in history) == [1, 2]
-    # the JSON metrics files and MLflow agree exactly
-    pairs = (
-        ("train", "train"),
-        ("evaluate", "eval"),
-        ("export", "downstream"),
-        ("score", "quality"),
-    )
-    for stage, name in pairs:
-        expected = flatten_metrics(
-            json.loads((root / f"metrics/{name}.json").read_text()), f"{stage}."
-        )
-        assert expected, stage
-        for key, value in expected.items():
-            assert run.data.metrics[key] == pytest.approx(value, rel=1e-12), key
-    artifacts = {
-        a.path
-        for d in ("train", "evaluate", "generate", "score", "register")
-        for a in client.list_artifacts(run_id, d)
-    }
-    for path in (
-        "train/train.csv",
-        "evaluate/eval.json",
-        "generate/samples.png",
-        "generate/latent_2d.png",
-        "generate/sampler.safetensors",
-        "score/quality.json",
-        "register/registry.json",
-    ):
-        assert path in artifacts, path
-    # the registered version, its tags and aliases
-    decision = json.loads((root / "metrics/registry.json").read_text())
-    assert decision["promoted"] is True and decision["version"] == 1
-    version = client.get_model_version_by_alias(NAME, "champion")
-    assert str(version.version) == "1" and version.run_id == run_id
-    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "1"
-    assert version.tags["dataset_sha256"] == manifest["dataset_sha256"]
-    ev = json.loads((root / "metrics/eval.json").read_text())
-    assert float(version.tags["nll_iw"]) == pytest.approx(ev["nll_iw"])
-    # it describes itself in the registry UI: input format, usage, source run
-    assert "float32 array (N, 784) = (N, 1·28·28)" in version.description
-    assert f'load_model("models:/{NAME}/1")' in version.description
-    assert run_id in version.description and version.tags["source_run"] == run_id
-    usage = version.tags["usage"]
-    assert len(usage.splitlines()) == 3 and usage in version.description
 
 
 def test_local_run_metrics_artifacts_and_registry(local: tuple[Path, str]) -> None:
@@ -229,19 +143,8 @@ def test_fresh_process_consumer(local: tuple[Path, str], tmp_path: Path) -> None
     shape, model_file, modules = out.stdout.strip().splitlines()
     assert shape == f"(5, {TINY_PARAMS['model']['latent_dim']})"
     assert model_file.endswith("/code/vae/core/model.py"), model_file
-    assert modules == str(
-        [
-            "vae",
-            "vae.config",
-            "vae.core.distributions",
-            "vae.core.hierarchy",
-            "vae.core.layers",
-            "vae.core.model",
-            "vae.pyfunc",
-            "vae.core.resnet",
-            "vae.core.sampler",
-        ]
-    )
+    # exactly what the walker says vae.pyfunc imports: nothing of the project's own tree
+    assert modules == str(sorted(closure(["vae.pyfunc"])))
 
 
 def test_promotion_gate() -> None:
@@ -335,89 +238,6 @@ def test_models_serve_answers_invocations(local: tuple[Path, str]) -> None:
             )
 
 
-def test_real_tracking_server(tmp_path: Path) -> None:
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server_dir = tmp_path / "server"
-    root = make_project(tmp_path / "proj")
-    with serving(
-        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
-    ):
-        run_pipeline(root, uri)
-        _check_run_and_registry(root, uri)
-    assert not (root / "mlruns").exists() and not (root / "mlflow.db").exists()
-
-
-def test_server_gone_mid_run_then_relog(tmp_path: Path) -> None:
-    """Training outlives the tracking server, says so, and `vae log-run` re-logs later."""
-    from tests.conftest import write_params
-
-    server_dir = tmp_path / "server"
-    root = make_project(tmp_path / "proj")
-    write_idx_dataset(root / "data" / "raw", n_train=1500, n_test=50)
-    write_params(
-        root / "params.yaml",
-        train={"epochs": 10, "batch_size": 8},
-        mlflow={"enabled": True, "experiment": "tiny", "registered_model": NAME},
-    )
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    vae = [sys.executable, "-m", "vae", "-q"]
-    assert subprocess.run([*vae, "prepare"], cwd=root, env=env).returncode == 0
-    server = start_server(
-        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
-    )
-    proc = subprocess.Popen([*vae, "train"], cwd=root, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        ckpt = root / "models" / "checkpoint.pt"
-        deadline = time.time() + 120
-        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-    finally:
-        stop_server(server)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    assert "vae log-run" in err and "local outputs are complete" in err
-    assert json.loads((root / "metrics/train.json").read_text())["epochs"] == 10
-    assert torch.load(root / "models/model.pt", weights_only=True)["epoch"] >= 1
-
-    port = free_port()  # the server is back (same store, new port): re-log
-    uri = f"http://127.0.0.1:{port}"
-    with serving(
-        tracking_server_args(port, server_dir), f"{uri}/health", server_dir, dict(os.environ)
-    ):
-        out = subprocess.run(
-            [*vae, "log-run"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            env={**env, "MLFLOW_TRACKING_URI": uri},
-            timeout=300,
-        )
-        assert out.returncode == 0, out.stderr
-        run_id = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
-        client = _client(uri)
-        history = client.get_metric_history(run_id, "val_nelbo")
-        assert sorted({m.step for m in history}) == list(range(1, 11))
-        assert client.get_run(run_id).info.status == "FINISHED"
-
-
-def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixture) -> None:
-    from tests.conftest import write_params
-
-    write_params(project / "params.yaml", mlflow={"enabled": True})
-    uri = f"http://127.0.0.1:{free_port()}"
-    assert main(["-q", "prepare"]) == 0
-    with project_env(project, uri):
-        start = time.time()
-        assert main(["-q", "train"]) == 75  # EX_TEMPFAIL: a later retry may work
-        assert time.time() - start < 15
-    err = capsys.readouterr().err
-    assert uri in err and "unreachable" in err
-    assert not (project / "models" / "checkpoint.pt").exists()
-
-
 def test_unknown_model_or_alias_is_a_clear_error(local: tuple[Path, str]) -> None:
     from vae.mlops.registry import RegistryError, load_vae
 
@@ -443,69 +263,34 @@ def test_registered_model_holds_no_pickle(local: tuple[Path, str]) -> None:
     assert mlmodel["flavors"]["python_function"]["loader_module"] == "vae.pyfunc"
 
 
-def test_credentials_never_reach_logs_or_tags() -> None:
-    from vae.mlops.mlflow_tracker import redact
-
-    assert redact("https://alice:s3cret@mlflow.example.com") == (
-        "https://alice:***@mlflow.example.com"
-    )
-    assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
-    text = json.dumps(params).lower()
-    assert not any(word in text for word in ("password", "token", "secret"))
+def _record(client: object, run_id: str) -> tuple[set[str], set[str]]:
+    """(metric names, artifact paths) of one run."""
+    run = client.get_run(run_id)
+    paths, todo = set(), [None]
+    while todo:
+        for info in client.list_artifacts(run_id, todo.pop()):
+            (todo.append(info.path) if info.is_dir else paths.add(info.path))
+    return set(run.data.metrics), paths
 
 
-def test_reregister_makes_an_old_version_self_contained(tmp_path: Path) -> None:
-    """A version logged the old way (no code/) is logged again with its code; aliases follow."""
-    import mlflow
+def test_log_run_resends_every_stages_record(local: tuple[Path, str]) -> None:
+    """`vae log-run` (after an outage) gives a run with the same metrics and artifacts as the
+    pipeline's own: every stage of vae.outputs.STAGE_RECORDS, per-epoch rows included."""
+    from vae.mlops import store
+    from vae.outputs import STAGE_RECORDS
 
-    from vae.pyfunc import save_vae_dir
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = _client(uri)
-    model = tiny_vae(3, 8)
-    run_id = client.create_run(client.create_experiment("old")).info.run_id
-    mlflow.set_tracking_uri(uri)
-    save_vae_dir(model, tmp_path / "vae")
-    with mlflow.start_run(run_id=run_id):  # the format before models shipped their code
-        info = mlflow.pyfunc.log_model(
-            name="model", loader_module="vae.pyfunc", data_path=str(tmp_path / "vae")
-        )
-    mlflow.register_model(info.model_uri, "old-vae")
-    client.set_model_version_tag("old-vae", "1", "nll_iw", "123.5")
-    client.set_registered_model_alias("old-vae", "champion", "1")
-
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    cmd = [sys.executable, "-m", "vae", "reregister", "--model", "models:/old-vae@champion"]
-    out = subprocess.run(
-        [*cmd, "--tracking-uri", uri], cwd=elsewhere, env=env, capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
-    assert result["from_version"] == 1 and result["version"] == 2
-    new = client.get_model_version_by_alias("old-vae", "champion")
-    assert str(new.version) == "2" and new.run_id == run_id
-    assert new.tags["reregistered_from"] == "1" and new.tags["nll_iw"] == "123.5"
-    assert "Test nll_iw: 123.50 nats" in new.description
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/old-vae/2"))
-    from vae.mlops.packaging import INFERENCE_MODULES
-
-    shipped = sorted(p.name for p in (local / "code" / "vae").iterdir())
-    assert shipped == sorted(INFERENCE_MODULES)
-    loaded = mlflow.pyfunc.load_model("models:/old-vae@champion")
-    x = np.random.default_rng(0).random((4, 784), dtype=np.float32)
-    with torch.no_grad():
-        expected = model.encode(torch.from_numpy(x).reshape(4, 1, 28, 28)).mean.numpy()
-    np.testing.assert_allclose(loaded.predict(x), expected, rtol=1e-5, atol=1e-6)
-    # an unknown version is one line, exit 1
-    out = subprocess.run(
-        [sys.executable, "-m", "vae", "reregister", "--model", "models:/old-vae/9"],
-        cwd=elsewhere,
-        env={**env, "MLFLOW_TRACKING_URI": uri},
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
-    assert "models:/old-vae/9" in out.stderr
+    root, uri = local
+    client = store.client(uri)
+    original = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    with project_env(root, uri):
+        assert main(["-q", "log-run"]) == 0
+    relogged = json.loads((root / "models/mlflow_run.json").read_text())["run_id"]
+    assert relogged != original  # the pipeline's run had finished: a new run
+    metrics, artifacts = _record(client, relogged)
+    assert (metrics, artifacts) == _record(client, original)
+    for stage in STAGE_RECORDS:
+        assert any(a.startswith(f"{stage}/") for a in artifacts), stage
+    for stage in ("train", "evaluate", "export", "score", "register"):
+        assert any(m.startswith(f"{stage}.") for m in metrics), stage
+    history = client.get_metric_history(relogged, "val_nelbo")
+    assert [m.step for m in history] == [1, 2]
