@@ -65,7 +65,7 @@ def classic_loss(
 class ClassicAsVAE(nn.Module):
     """The classic model behind ``vae.core.model.VAE``'s interface, so one function scores both."""
 
-    latent_dim = 20
+    code_dim = 20
 
     def __init__(self, ref: ClassicVAE) -> None:
         super().__init__()
@@ -80,7 +80,7 @@ class ClassicAsVAE(nn.Module):
         q = DiagonalGaussian(*self.ref.encode(x.view(-1, 784)))  # (B, 20) each
         z = q.sample(generator) if eps is None else q.mean + q.std * eps
         logits = self.ref.decode_logits(z).view(-1, *x.shape[1:])  # (B, 1, 28, 28)
-        return VAEOutput(q, BernoulliLikelihood(logits), z, StandardNormal(self.latent_dim))
+        return VAEOutput(q, BernoulliLikelihood(logits), z, StandardNormal(self.code_dim))
 
 
 def run_reference(spec: dict[str, Any]) -> dict[str, Any]:

@@ -6,14 +6,14 @@ rebuild and run it (:func:`vae.mlops.packaging.shipped_files`). MLflow puts ``co
 ``sys.path``, so a consumer needs only MLflow and the model's requirements, not this repository::
 
     model = mlflow.pyfunc.load_model("models:/vae-fashion-mnist@champion")
-    z = model.predict(images)                                      # (N, latent_dim) means
+    z = model.predict(images)                                      # (N, code_dim) means
     x_hat = model.predict(images, params={"mode": "reconstruct"})  # (N, C*H*W) decoder means
     x_new = model.predict(images[:1], params={"mode": "generate", "n": 16, "seed": 0})
 
 Images are float32 (N, C*H*W) in [0, 1], the signature's input schema; with
 ``params={"uint8": True}`` they are 0..255 pixel values instead (JSON has no uint8, so this is
 how a REST client sends raw pixels). ``"logvar": True`` makes ``encode`` return
-``[mu | logvar]``, (N, 2 * latent_dim). ``generate`` draws z from the sampler the pipeline
+``[mu | logvar]``, (N, 2 * code_dim). ``generate`` draws z from the sampler the pipeline
 chose (``generate.sampler``: the prior, or a mixture fitted to the training codes). Bad input
 raises ``MlflowException (INVALID_PARAMETER_VALUE)``, which the scoring server turns into an
 HTTP 400 with the message.

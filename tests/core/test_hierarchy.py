@@ -120,7 +120,7 @@ def test_registered_format_and_consumers_see_both_layers(tmp_path: Path) -> None
         torch.testing.assert_close(
             torch.from_numpy(drawn), model.generate(3, torch.Generator().manual_seed(1)).flatten(1)
         )
-    assert LoadedModel(None, tmp_path).latent_dim == 6  # embedding columns for [z1, z2]
+    assert LoadedModel(None, tmp_path).code_dim == 6  # embedding columns for [z1, z2]
 
 
 def test_params_refuse_a_third_layer_and_free_bits() -> None:

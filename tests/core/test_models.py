@@ -127,3 +127,29 @@ def test_vamp_density_stays_exact_when_a_component_collapses() -> None:
     ).log_prob(z.double())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), ref, atol=0.01, rtol=0.0)
+
+
+def test_an_encoder_needs_features_and_a_head_not_a_sequential() -> None:
+    """VAE.encode reads ``encoder.features`` and ``encoder.head``; both layers counts work with
+    an encoder that is no Sequential, and the built-in ones give what their forward gives."""
+    from vae.core.layers import Encoder
+
+    class Split(Encoder):
+        def __init__(self, trunk: torch.nn.Module, head: torch.nn.Module) -> None:
+            super().__init__()
+            self.trunk, self.head = trunk, head
+
+        def features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.trunk(x)
+
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for layers in (1, 2):
+        torch.manual_seed(0)
+        model = VAE(mlp_config(latent_dim=3, hidden_dim=8, latent_layers=layers)).eval()
+        net = model.encoder.net
+        with torch.no_grad():
+            want = model.encode(x)
+            assert torch.equal(model.encoder(x), net(x))
+            model.encoder = Split(net[:-1], net[-1])
+            got = model.encode(x)
+        assert torch.equal(got.mean, want.mean) and torch.equal(got.logvar, want.logvar)

@@ -52,7 +52,7 @@ class LinearGaussian:
         self.w = q * torch.linspace(2.0, 1.0, d, dtype=torch.float64)  # (dx, d)
         self.b = torch.randn(dx, generator=g, dtype=torch.float64)
         self.sigma2 = 0.3
-        self.latent_dim = d
+        self.code_dim = d
         self.m = (self.w**2).sum(0) + self.sigma2  # diag(M), (d,)
         self.mean_shift, self.var_scale = mean_shift, var_scale
 
@@ -67,7 +67,7 @@ class LinearGaussian:
         )
 
     def prior(self) -> StandardNormal:
-        return StandardNormal(self.latent_dim)
+        return StandardNormal(self.code_dim)
 
     def decode(self, z: torch.Tensor) -> GaussianLikelihood:
         logvar = torch.tensor(math.log(self.sigma2), dtype=torch.float64)
@@ -86,7 +86,7 @@ class LinearGaussian:
 
     def sample(self, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1)
-        z = torch.randn(n, self.latent_dim, generator=g, dtype=torch.float64)
+        z = torch.randn(n, self.code_dim, generator=g, dtype=torch.float64)
         eps = torch.randn(n, len(self.b), generator=g, dtype=torch.float64)
         return z @ self.w.T + self.b + math.sqrt(self.sigma2) * eps
 
@@ -181,12 +181,12 @@ def test_metrics_of_a_trained_vae(trained: tuple[VAE, torch.Tensor]) -> None:
     assert m["elbo_gap"] == pytest.approx(-m["elbo"] - m["nll_iw"])
     assert m["elbo_gap"] > 0
     assert m["elbo"] == pytest.approx(-(m["recon"] + m["kl"]))
-    assert len(m["kl_per_dim"]) == model.latent_dim
+    assert len(m["kl_per_dim"]) == model.code_dim
     assert all(type(v) is float and v >= 0 for v in m["kl_per_dim"])
     assert sum(m["kl_per_dim"]) == pytest.approx(m["kl"], rel=1e-9)
     with torch.no_grad():
         assert m["kl"] == pytest.approx(float(model.encode(x).kl().mean()), rel=1e-5)
-    assert 0 <= m["active_units"] <= model.latent_dim
+    assert 0 <= m["active_units"] <= model.code_dim
     assert m["active_units"] == active_units(model, x, 256, cfg.active_unit_threshold)[0]
     assert m["bits_per_dim"] == pytest.approx(m["nll_iw"] / (64 * math.log(2)))
 

@@ -6,8 +6,9 @@ the VampPrior paper (Tomczak & Welling 2018, section 3.3) and ladder VAEs (Sønd
 z2 is the top layer: the encoder's head gives q(z2|x), and its prior p(z2) is ``model.prior``
 (N(0, I), or the VampPrior of the pseudo-inputs' q(z2|u)). z1 is inferred from the encoder's last
 hidden features h(x) and z2; the decoder reads both layers. The model hands the rest of the
-project one code, z = [z1, z2] of 2 x ``model.latent_dim`` values, and two objects with the
-interface of the one-layer posterior and prior (``sample``, ``log_prob``, ``mean``, ``logvar``),
+project one code, z = [z1, z2] of ``VAE.code_dim`` = 2 x ``model.latent_dim`` values, and two
+objects with the interface of the one-layer posterior and prior (``sample``, ``log_prob``,
+``mean``, ``logvar``),
 so the ELBO, the IWAE bound, the evaluation, the samplers and the registered model need nothing
 of their own. Neither KL term has a closed form once z2 is sampled, so the ELBO's KL is the
 one-sample Monte Carlo estimate log q(z|x) - log p(z), as for the VampPrior.

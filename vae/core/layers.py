@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["Gated", "activation", "mlp_layers"]
+__all__ = ["Encoder", "Gated", "SequentialEncoder", "activation", "mlp_layers"]
 
 
 def activation(name: str) -> nn.Module:
@@ -43,3 +43,33 @@ def mlp_layers(
         width = n_in if i == 0 else hidden
         mods += [Gated(width, hidden)] if gated else [nn.Linear(width, hidden), activation(act)]
     return [*mods, nn.Linear(hidden, n_out)]
+
+
+class Encoder(nn.Module):
+    """x -> ``features(x)`` (B, F) -> ``head`` -> (B, 2 * latent): the mean and log-variance of
+    q(z|x). A second stochastic layer reads the features too, so an encoder exposes both."""
+
+    head: nn.Module
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SequentialEncoder(Encoder):
+    """An encoder whose layers are one ``self.net`` Sequential, the head its last layer (the
+    parameter names ``encoder.net.N`` of every saved model)."""
+
+    net: nn.Sequential
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[:-1](x)
+
+    @property
+    def head(self) -> nn.Module:  # type: ignore[override]
+        return self.net[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -38,7 +38,7 @@ from vae.core.distributions import (
     VampPrior,
 )
 from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior, Posterior, TopDown
-from vae.core.layers import activation, mlp_layers
+from vae.core.layers import Encoder, SequentialEncoder, activation, mlp_layers
 from vae.core.resnet import ResNetDecoder, ResNetEncoder
 
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
@@ -55,7 +55,7 @@ class VAEOutput:
     prior: Prior | HierarchicalPrior  # p(z)
 
 
-class _MLPEncoder(nn.Module):
+class _MLPEncoder(SequentialEncoder):
     def __init__(
         self, in_features: int, hidden: int, latent: int, act: str, layers: int = 1, gated=False
     ) -> None:
@@ -63,9 +63,6 @@ class _MLPEncoder(nn.Module):
         self.net = nn.Sequential(
             nn.Flatten(), *mlp_layers(in_features, hidden, layers, 2 * latent, act, gated)
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class _MLPDecoder(nn.Module):
@@ -82,7 +79,7 @@ class _MLPDecoder(nn.Module):
         return self.net(z).unflatten(-1, self.out_shape)
 
 
-class _ConvEncoder(nn.Module):
+class _ConvEncoder(SequentialEncoder):
     """(B, C, H, W) -> two stride-2 convs -> (B, 2c, H/4, W/4) -> linear layers."""
 
     def __init__(self, shape: tuple[int, ...], c: int, hidden: int, latent: int, act: str) -> None:
@@ -98,9 +95,6 @@ class _ConvEncoder(nn.Module):
             activation(act),
             nn.Linear(hidden, 2 * latent),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 class _ConvDecoder(nn.Module):
@@ -127,12 +121,12 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_shape = tuple(image_shape)
-        self.latent_dim = cfg.code_dim  # the width of z, all stochastic layers together
+        self.code_dim = cfg.code_dim  # the width of z, all stochastic layers together
         d, z = cfg.latent_dim, cfg.code_dim  # the encoder's head gives the top layer only
         if cfg.arch in ("mlp", "gated_mlp"):
             deep = {"layers": cfg.hidden_layers, "gated": cfg.arch == "gated_mlp"}
             n_in = math.prod(image_shape)
-            self.encoder: nn.Module = _MLPEncoder(n_in, cfg.hidden_dim, d, cfg.activation, **deep)
+            self.encoder: Encoder = _MLPEncoder(n_in, cfg.hidden_dim, d, cfg.activation, **deep)
             self.decoder: nn.Module = _MLPDecoder(
                 z, cfg.hidden_dim, self.image_shape, cfg.activation, **deep
             )
@@ -165,11 +159,10 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> Posterior:
         """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""
+        h = self.encoder.features(x)  # (B, F): the features under the head
+        top = DiagonalGaussian(*self.encoder.head(h).float().chunk(2, dim=-1))  # each (B, D)
         if self.cfg.latent_layers == 1:
-            mean, logvar = self.encoder(x).float().chunk(2, dim=-1)  # each (B, D)
-            return DiagonalGaussian(mean, logvar)
-        h = self.encoder.net[:-1](x)  # (B, hidden_dim): the features under the head
-        top = DiagonalGaussian(*self.encoder.net[-1](h).float().chunk(2, dim=-1))
+            return top
         return HierarchicalPosterior(top, h, self.top_down.posterior)
 
     def prior(self) -> Prior | HierarchicalPrior:
@@ -246,5 +239,5 @@ def embed(model: VAE, images: torch.Tensor, batch_size: int) -> tuple[torch.Tens
             mus.append(q.mean.float().cpu())  # (B, D)
             logvars.append(q.logvar.float().cpu())  # (B, D)
     if not mus:
-        return torch.empty(0, model.latent_dim), torch.empty(0, model.latent_dim)
+        return torch.empty(0, model.code_dim), torch.empty(0, model.code_dim)
     return torch.cat(mus), torch.cat(logvars)

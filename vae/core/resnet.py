@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vae.core.layers import activation
+from vae.core.layers import SequentialEncoder, activation
 
 __all__ = ["ResNetDecoder", "ResNetEncoder"]
 
@@ -100,7 +100,7 @@ def _up(c_in: int, c_out: int, act: str) -> list[nn.Module]:
     ]
 
 
-class ResNetEncoder(nn.Module):
+class ResNetEncoder(SequentialEncoder):
     """x (B, C, H, W) in [0, 1] -> (B, 2 * latent): the mean and log-variance of q(z|x)."""
 
     def __init__(

@@ -142,7 +142,7 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
         # sums of log p(x), the ELBO and the Monte Carlo KL, over the images
         layers = model.cfg.latent_layers
         sums = torch.zeros(2 + layers, dtype=torch.float64, device=x_all.device)
-        kl_dim = torch.zeros(model.latent_dim, dtype=torch.float64, device=x_all.device)
+        kl_dim = torch.zeros(model.code_dim, dtype=torch.float64, device=x_all.device)
         prior = model.prior()
         closed = prior.closed_form_kl
         for i in range(0, n, cfg.batch_size):

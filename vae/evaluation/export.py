@@ -184,7 +184,7 @@ def export(
         "grey_pixel_linear_probe_accuracy": grey_scores["linear_probe_accuracy"],
         "grey_pixel_knn_accuracy": grey_scores["knn_accuracy"],
         "knn_k": cfg.knn_k,
-        "latent_dim": model.latent_dim,
+        "latent_dim": model.code_dim,  # the width of a code: all layers
         "parameters": sum(p.numel() for p in model.parameters()),
         **rows,
         **{k: v for k, v in latent.items() if k.endswith("_rows")},

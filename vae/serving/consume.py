@@ -75,7 +75,7 @@ class LoadedModel:
         self.pyfunc = pyfunc
         self.local = local  # the downloaded model folder: later readers see the same version
         self.image_shape: tuple[int, ...] = tuple(meta["image_shape"])
-        self.latent_dim: int = ModelConfig.from_saved(meta["model"]).code_dim  # all layers
+        self.code_dim: int = ModelConfig.from_saved(meta["model"]).code_dim  # all layers
 
     def predict(self, x: np.ndarray, **params: Any) -> np.ndarray:
         from mlflow.exceptions import MlflowException
@@ -129,8 +129,8 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
         raise ConsumerError(f"{model_uri}: cannot load ({exc.message.splitlines()[0]})") from None
 
 
-def embedding_columns(latent_dim: int) -> list[str]:
-    return ["source"] + [f"{k}_{i}" for k in ("mu", "logvar") for i in range(latent_dim)]
+def embedding_columns(code_dim: int) -> list[str]:
+    return ["source"] + [f"{k}_{i}" for k in ("mu", "logvar") for i in range(code_dim)]
 
 
 def embedding_table(sources: Sequence[str], posterior: np.ndarray) -> Any:
@@ -165,7 +165,7 @@ def encode_to_parquet(
     paths = expand_inputs(inputs)
     total, start, rows = count_images(paths), time.perf_counter(), 0
     with atomic_open(out, "wb") as f, _progress(total, progress) as bar:
-        empty = embedding_table([], np.zeros((0, 2 * model.latent_dim), np.float32))
+        empty = embedding_table([], np.zeros((0, 2 * model.code_dim), np.float32))
         writer = pq.ParquetWriter(f, empty.schema)
         try:
             for batch in iter_batches(paths, model.image_shape, batch_size):

@@ -315,7 +315,7 @@ def encode_with_spark(
     out = str(out)
     _check_out(out)
     model = load_model(model_uri, tracking_uri)
-    names = embedding_columns(model.latent_dim)
+    names = embedding_columns(model.code_dim)
     spark, owned = spark_session(master)
     try:
         from pyspark.sql import functions as F

@@ -85,7 +85,7 @@ def evaluate_elbo(
         sums = torch.zeros(4, device=x_all.device)
         for i in range(0, x_all.shape[0], batch_size):
             x = x_all[i : i + batch_size]
-            eps = draw_eps((x.shape[0], model.latent_dim), objective, k, gen, x.device)
+            eps = draw_eps((x.shape[0], model.code_dim), objective, k, gen, x.device)
             with autocast or contextlib.nullcontext():
                 terms = objective_terms(x, model(x, eps=eps), objective)
             sums += torch.stack(terms).detach().float() * x.shape[0]
