@@ -18,7 +18,7 @@ pipeline: install dataset
 
 test: install java
 	ruff check . && ruff format --check .
-	python -m pytest
+	python -m pytest --durations=25
 
 install: $(STAMP)
 

@@ -77,8 +77,8 @@ class ModelConfig:
     # Gaussian decoder only: one learned log-variance per pixel, or one shared by all pixels.
     gaussian_variance: Literal["per_pixel", "shared"] = "per_pixel"
     # The hidden layers' nonlinearity; leaky_relu has a negative slope of 0.1. With plain relu,
-    # most encoder units stop firing for every image within a few epochs (47% after 4 epochs of
-    # the classic recipe, 81% at batch 256 and lr 3e-3), and a dead unit never learns again.
+    # most encoder units stop firing for every image within a few epochs, and a dead unit never
+    # learns again (benchmarks/README.md, "Figures behind the code's choices").
     activation: Literal["relu", "leaky_relu", "silu"] = "leaky_relu"
     # p(z): standard is N(0, I); vamp is the VampPrior, a mixture of the posteriors of
     # `pseudo_inputs` learned images (its KL is estimated by Monte Carlo).

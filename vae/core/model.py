@@ -5,15 +5,14 @@ The model is pure: ``forward`` computes no loss, does no IO and logs nothing. Ra
 only from an explicit ``torch.Generator`` so results are reproducible.
 
 The default (params.yaml) is the gated MLP of the VampPrior and Exemplar VAE papers, 784-300-300
-each way with latent_dim 40. On Fashion-MNIST such a model uses under ten of its 40 units actively
+each way with latent_dim 40. On Fashion-MNIST such a model uses only part of its units actively
 (``active_units`` in metrics/eval.json reports it); unused dimensions collapse to the prior and
 cost nothing in nats.
 
 Plain and convolutional layers use leaky ReLU (slope 0.1) by default (``model.activation``; a
-gated layer needs none). With plain ReLU most encoder units stop firing for every input early in
-training and never recover: 189 of 400 after 4 epochs of the classic recipe, 325 of 400 with
-batch 256 and Adam 3e-3. Leaky ReLU costs the same and reached a better -ELBO (about 0.8 nats
-after 5 and after 30 epochs).
+gated layer needs none): with plain ReLU most encoder units stop firing for every input early in
+training and never recover, and leaky ReLU costs the same. The figures are in
+benchmarks/README.md ("Figures behind the code's choices").
 """
 
 from __future__ import annotations

@@ -24,9 +24,9 @@ def flush_denormals(device: torch.device) -> Any:
 
     Adam's first-moment estimate of a weight whose gradient is exactly zero (every weight into
     a ReLU unit that has stopped firing) decays geometrically into the subnormal range within a
-    few hundred steps, and x86 arithmetic on subnormals is many times slower: with
-    ``model.activation: relu`` (41% of the moments subnormal after 4 epochs at batch 256),
-    later epochs were up to 30% slower. The values lost are below 1.2e-38.
+    few hundred steps, and x86 arithmetic on subnormals is many times slower, so later epochs
+    slow down (benchmarks/README.md, "Figures behind the code's choices"). The values lost are
+    below 1.2e-38.
     """
     enabled = device.type == "cpu" and torch.set_flush_denormal(True)
     try:
