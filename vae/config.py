@@ -15,6 +15,7 @@ from typing import Any, Literal
 from vae.errors import UsageError
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -42,6 +43,11 @@ def _range(
     return {"ge": ge, "gt": gt, "le": le, "lt": lt}
 
 
+# The most pixels an image a user hands in may declare (4096 x 4096): well above any image a
+# model here takes, far below what exhausts memory. `data.max_image_pixels`, `--max-pixels`.
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: Literal["fashion_mnist", "mnist", "folder"] = "fashion_mnist"
@@ -53,6 +59,9 @@ class DataConfig:
     # `prepare`; none: keep grayscale intensities in [0, 1].
     binarize: Literal["dynamic", "static", "none"] = "dynamic"
     seed: int = field(default=0, metadata=_range(ge=0))
+    # The most pixels (width x height) an image of a folder source may declare in its header;
+    # a larger one is refused before it is decoded (a small file can decode to gigabytes).
+    max_image_pixels: int = field(default=MAX_IMAGE_PIXELS, metadata=_range(ge=1))
 
 
 # What a saved model meant by a key that did not exist when it was saved.

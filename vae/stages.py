@@ -74,11 +74,11 @@ def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data.raw import check_source, ingest
 
     if args.check:
-        raw = check_source(cfg.data.dataset, cfg.data.source)
+        raw = check_source(cfg.data.dataset, cfg.data.source, cfg.data.max_image_pixels)
         counts = ", ".join(f"{len(s)} {k}" for k, s in raw.splits.items())
         log.info("%s: %d files, %s images; all read", cfg.data.source, len(raw.sha256), counts)
         return
-    ingest(cfg.data.dataset, cfg.data.source, Path(args.out))
+    ingest(cfg.data.dataset, cfg.data.source, Path(args.out), cfg.data.max_image_pixels)
 
 
 def cmd_download(cfg: Config, args: argparse.Namespace) -> None:

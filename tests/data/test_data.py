@@ -168,7 +168,10 @@ def test_image_folder_dataset(tmp_path: Path) -> None:
             lambda d: [_png(d / f"{i}.png") for i in range(3)] + [_png(d / "b.png", (9, 9))],
             r"b\.png: image shape \(1, 9, 9\) \(C, H, W\) differs from \(1, 8, 8\) of 3",
         ),
-        (lambda d: (_png(d / "a.png"), (d / "b.png").write_bytes(b"junk")), r"b\.png: cannot read"),
+        (
+            lambda d: (_png(d / "a.png"), (d / "b.png").write_bytes(b"junk")),
+            r"b\.png: not a readable",
+        ),
         (lambda d: (_png(d / "a.png"), _truncated_png(d / "t.png")), r"t\.png: cannot read"),
     ],
 )

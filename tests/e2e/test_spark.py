@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import TINY_PARAMS
 from vae.cli import main
@@ -121,28 +122,46 @@ def test_spark_matches_local_engine(
 
 
 @needs_java
-def test_wrong_size_image_names_the_file(
-    store: tuple[Path, str, str], spark: object, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("name", "line"),
+    [
+        ("small.png", "image is 20x20, the model expects 28x28"),
+        (
+            "bomb.png",
+            "the header declares 400,000,000 pixels, over the limit of 16,777,216 "
+            "(--max-pixels); not decoded",
+        ),
+    ],
+)
+def test_a_bad_image_names_the_file(
+    store: tuple[Path, str, str],
+    spark: object,
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    line: str,
 ) -> None:
-    from PIL import Image
+    """A wrong size, or a header declaring too many pixels (refused on the executor before it
+    is decoded): one line naming the file, and the earlier output left alone."""
+    from tests.data.hostile_images import header_only_png
 
     root = store[0]
-    bad = root / "bad"
+    bad = root / f"bad-{name}"
     shutil.copytree(root / "imgs", bad)
-    Image.fromarray(np.zeros((20, 20), np.uint8)).save(bad / "small.png")
-    earlier = root / "earlier"  # an earlier Spark output, which a failed run must leave alone
+    if name == "small.png":
+        Image.fromarray(np.zeros((20, 20), np.uint8)).save(bad / name)
+    else:
+        (bad / name).write_bytes(header_only_png(20000, 20000))
+    earlier = root / f"earlier-{name}"  # an earlier Spark output, which a failed run keeps
     earlier.mkdir()
     (earlier / "_SUCCESS").write_bytes(b"")
     (earlier / "part-00000-a.snappy.parquet").write_bytes(b"PAR1 earlier")
     capsys.readouterr()
     assert _encode(store, earlier, str(bad), spark=True) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (
-        f"vae encode: error: {bad / 'small.png'}: image is 20x20, the model expects 28x28"
-    )
+    assert err[-1] == f"vae encode: error: {bad / name}: {line}"
     assert sorted(p.name for p in earlier.iterdir()) == ["_SUCCESS", "part-00000-a.snappy.parquet"]
     assert (earlier / "part-00000-a.snappy.parquet").read_bytes() == b"PAR1 earlier"
-    assert not list(root.glob(".earlier.*"))  # the job's own folder is gone
+    assert not list(root.glob(f".earlier-{name}.*"))  # the job's own folder is gone
 
 
 @needs_java  # checked before the refusals

@@ -6,6 +6,13 @@ converted to the model's (RGB to grey for a one-channel model), and an image of 
 refused with one line naming the file and the size expected. Nothing is resized: a silently
 resized image would give a plausible, wrong embedding.
 
+Files are hostile until their header says otherwise (:func:`open_image`, also used by the folder
+dataset of :mod:`vae.data.raw`): an image that declares more than ``max_pixels`` pixels (a PNG of
+a few kilobytes can decode to gigabytes) or more than one frame (animated GIF or PNG,
+multi-page TIFF: which frame would the model see?) is refused before a pixel is decoded, and a
+file PIL cannot read (truncated, lying about its size, a text chunk that inflates past PIL's
+limit) is one line, never a traceback.
+
 Reading streams: one batch of uint8 pixels in memory at a time, whatever the input's size.
 """
 
@@ -13,13 +20,16 @@ from __future__ import annotations
 
 import gzip
 import io
+import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 
+from vae.config import MAX_IMAGE_PIXELS
 from vae.errors import PermanentError
 
 __all__ = [
@@ -31,6 +41,7 @@ __all__ = [
     "expand_inputs",
     "is_idx",
     "iter_batches",
+    "open_image",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -46,22 +57,57 @@ class Batch:
     pixels: np.ndarray  # (B, C, H, W) uint8
 
 
-def decode_image(data: bytes, shape: tuple[int, ...], source: str) -> np.ndarray:
-    """PNG/JPEG bytes -> (C, H, W) uint8 in the model's mode; refuses another size."""
+def open_image(
+    fp: str | Path | IO[bytes], source: str, max_pixels: int, setting: str = "--max-pixels"
+) -> Any:
+    """Open an image (header only) and check what it declares: at most ``max_pixels`` pixels
+    and one frame. Returns the unloaded ``PIL.Image``; an :class:`InputError` names the file,
+    what it declares and the ``setting`` that raises the limit."""
     from PIL import Image, UnidentifiedImageError
 
-    c, h, w = shape
+    too_big = f"over the limit of {max_pixels:,} ({setting}); not decoded"
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.size != (w, h):
-                raise InputError(
-                    f"{source}: image is {img.size[0]}x{img.size[1]}, the model expects {w}x{h}"
-                )
-            img = img.convert("L" if c == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        with warnings.catch_warnings():  # our limit decides, not PIL's warning threshold
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except Image.DecompressionBombError as exc:  # past 2 x PIL's MAX_IMAGE_PIXELS
+        declared = re.search(r"\((\d+) pixels\)", str(exc))
+        n = f"{int(declared.group(1)):,}" if declared else "too many"
+        raise InputError(f"{source}: the header declares {n} pixels, {too_big}") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{source}: not a readable image (no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{source}: not a readable image ({exc})") from None
-    arr = np.asarray(img, dtype=np.uint8)
+    w, h = img.size
+    frames = getattr(img, "n_frames", 1)
+    if w * h > max_pixels or frames > 1:
+        img.close()
+        if frames > 1:
+            raise InputError(
+                f"{source}: {frames} frames (an animated or multi-frame image); give each frame "
+                "as its own file"
+            )
+        raise InputError(f"{source}: the header declares {w}x{h} = {w * h:,} pixels, {too_big}")
+    return img
+
+
+def decode_image(
+    data: bytes, shape: tuple[int, ...], source: str, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
+    """PNG/JPEG bytes -> (C, H, W) uint8 in the model's mode; refuses another size (before
+    decoding) and anything :func:`open_image` refuses."""
+    c, h, w = shape
+    with open_image(io.BytesIO(data), source, max_pixels) as img:
+        if img.size != (w, h):
+            raise InputError(
+                f"{source}: image is {img.size[0]}x{img.size[1]}, the model expects {w}x{h}"
+            )
+        try:
+            img.load()
+            converted = img.convert("L" if c == 1 else "RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InputError(f"{source}: not a readable image ({exc})") from None
+    arr = np.asarray(converted, dtype=np.uint8)
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 
 
@@ -130,7 +176,9 @@ def _idx_batches(path: Path, shape: tuple[int, ...], size: int) -> Iterator[Batc
             yield Batch([f"{path}#{i}" for i in range(start, start + count)], pixels)
 
 
-def iter_batches(paths: Sequence[Path], shape: tuple[int, ...], size: int) -> Iterator[Batch]:
+def iter_batches(
+    paths: Sequence[Path], shape: tuple[int, ...], size: int, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Iterator[Batch]:
     """Stream ``paths`` as uint8 batches of at most ``size`` images, in order."""
     sources: list[str] = []
     images: list[np.ndarray] = []
@@ -141,7 +189,7 @@ def iter_batches(paths: Sequence[Path], shape: tuple[int, ...], size: int) -> It
                 sources, images = [], []
             yield from _idx_batches(path, shape, size)
             continue
-        images.append(decode_image(path.read_bytes(), shape, str(path)))
+        images.append(decode_image(path.read_bytes(), shape, str(path), max_pixels))
         sources.append(str(path))
         if len(images) == size:
             yield Batch(sources, np.stack(images))

@@ -84,7 +84,7 @@ def prepare(
     before anything is written.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    raw = read_source(cfg.dataset, raw_dir)
+    raw = read_source(cfg.dataset, raw_dir, cfg.max_image_pixels)
     if cfg.dataset == "folder":
         digests = list(raw.sha256.values())  # in the order of the images
         train, val, test = _split_by_content(raw.splits["all"], digests, cfg.val_fraction, cfg.seed)

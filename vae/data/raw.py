@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from vae.config import MAX_IMAGE_PIXELS
+from vae.data.images import InputError, open_image
 from vae.data.splits import DataError, DataUnavailable, Split
 
 __all__ = [
@@ -184,25 +186,26 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path) -> torch.Tensor:
+def _read_image(path: Path, max_pixels: int) -> torch.Tensor:
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with open_image(path, str(path), max_pixels, "data.max_image_pixels") as im:
             im.load()  # decodes every byte: a truncated file fails here
             if im.mode not in ("L", "RGB"):
                 im = im.convert("RGB" if im.mode in ("RGBA", "P", "CMYK") else "L")
             arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except InputError as exc:
+        raise DataError(str(exc)) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot read the image ({exc})") from None
     return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
 
 
-def _read_folder_source(folder: Path) -> RawData:
+def _read_folder_source(folder: Path, max_pixels: int) -> RawData:
     files = _image_files(folder)
     classes = sorted({p.parent.name for p in files if p.parent != folder})
-    images = [_read_image(p) for p in files]
+    images = [_read_image(p, max_pixels) for p in files]
     shapes = collections.Counter(tuple(im.shape) for im in images)
     if len(shapes) > 1:  # name an odd one out, measured against the most common shape
         common, count = shapes.most_common(1)[0]
@@ -222,13 +225,15 @@ def _read_folder_source(folder: Path) -> RawData:
 # Reading, checking, ingesting and downloading a source
 
 
-def read_source(dataset: str, folder: str | Path) -> RawData:
-    """Read and check every file of a source folder; a bad file is named in a DataError."""
+def read_source(dataset: str, folder: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> RawData:
+    """Read and check every file of a source folder; a bad file is named in a DataError. An
+    image of a folder source that declares more than ``max_pixels`` pixels, or several frames,
+    is refused before it is decoded (``data.max_image_pixels``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: not found or not a folder")
     if dataset == "folder":
-        return _read_folder_source(folder)
+        return _read_folder_source(folder, max_pixels)
     return _read_idx_source(folder, dataset)
 
 
@@ -245,23 +250,25 @@ def missing_source_hint(dataset: str, source: str) -> str:
     return "point data.source at a folder with the four IDX files, or run `vae download --out DIR`"
 
 
-def check_source(dataset: str, source: str | Path) -> RawData:
+def check_source(dataset: str, source: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> RawData:
     """:func:`read_source` with a hint on how to get a source that is missing."""
     if not Path(source).exists():
         raise DataError(
             f"data.source: {source} not found; {missing_source_hint(dataset, str(source))}"
         )
-    return read_source(dataset, source)
+    return read_source(dataset, source, max_pixels)
 
 
-def ingest(dataset: str, source: str | Path, out: str | Path) -> dict[str, Any]:
+def ingest(
+    dataset: str, source: str | Path, out: str | Path, max_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[str, Any]:
     """Check ``source``, then replace ``out`` with an exact copy of it; returns a summary.
 
     Nothing is written unless every file of the source reads: a corrupt new file fails here,
     before DVC reaches ``prepare``, so the prepared data and the models stay as they were.
     """
     source, out = Path(source), Path(out)
-    raw = check_source(dataset, source)
+    raw = check_source(dataset, source, max_pixels)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

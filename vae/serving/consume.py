@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from vae.config import ModelConfig
+from vae.config import MAX_IMAGE_PIXELS, ModelConfig
 from vae.data.images import Batch, count_images, expand_inputs, iter_batches
 from vae.errors import PermanentError
 
@@ -156,8 +156,10 @@ def encode_to_parquet(
     out: Path,
     batch_size: int = BATCH,
     progress: bool = True,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
-    """Write one row per input image to ``out`` (Parquet, one row group a batch)."""
+    """Write one row per input image to ``out`` (Parquet, one row group a batch); an image
+    declaring more than ``max_pixels`` pixels is refused undecoded (vae.data.images)."""
     import pyarrow.parquet as pq
 
     from vae.atomic import atomic_open
@@ -168,7 +170,7 @@ def encode_to_parquet(
         empty = embedding_table([], np.zeros((0, 2 * model.code_dim), np.float32))
         writer = pq.ParquetWriter(f, empty.schema)
         try:
-            for batch in iter_batches(paths, model.image_shape, batch_size):
+            for batch in iter_batches(paths, model.image_shape, batch_size, max_pixels):
                 post = model.predict(_flat(batch), mode="encode", logvar=True, uint8=True)
                 writer.write_table(embedding_table(batch.sources, post))
                 rows += len(batch.sources)
@@ -218,11 +220,15 @@ def sample_grid(
 
 
 def reconstruct_grid(
-    model: LoadedModel, inputs: Sequence[str | Path], out: Path, n: int = 32
+    model: LoadedModel,
+    inputs: Sequence[str | Path],
+    out: Path,
+    n: int = 32,
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """The first ``n`` inputs over their reconstructions: rows of 8 originals, then 8 decoded."""
     paths = expand_inputs(inputs)
-    batch = next(iter_batches(paths, model.image_shape, n))
+    batch = next(iter_batches(paths, model.image_shape, n, max_pixels))
     x_hat = model.predict(_flat(batch), mode="reconstruct", uint8=True)
     originals = batch.pixels.astype(np.float32) / 255.0
     decoded = x_hat.reshape(originals.shape)

@@ -40,6 +40,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _max_pixels(p: argparse.ArgumentParser) -> None:
+    from vae.config import MAX_IMAGE_PIXELS
+
+    p.add_argument(
+        "--max-pixels",
+        type=_count,
+        default=MAX_IMAGE_PIXELS,
+        help="refuse, undecoded, an image whose header declares more pixels (width x height; "
+        f"default {MAX_IMAGE_PIXELS:,})",
+    )
+
+
 def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("encode", help="embed images with any model: one Parquet row per image")
     _common(p)
@@ -56,6 +68,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
         help="local: this process; spark: mlflow.pyfunc.spark_udf over binaryFile (PNG/JPEG)",
     )
     p.add_argument("--master", default="local[2]", help="the Spark master (default local[2])")
+    _max_pixels(p)
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("sample", help="generate images from the prior as a PNG grid")
@@ -71,6 +84,7 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="PNG/JPEG files, folders, IDX files")
     p.add_argument("--out", required=True, type=Path, help="the PNG file")
     p.add_argument("-n", type=_count, default=32, help="how many of the inputs (default 32)")
+    _max_pixels(p)
     p.set_defaults(func=_reconstruct)
 
     p = sub.add_parser(
@@ -85,14 +99,19 @@ def _encode(args: argparse.Namespace) -> None:
         from vae.serving.spark import encode_with_spark
 
         result = encode_with_spark(
-            args.model, args.inputs, args.out, args.tracking_uri, args.master
+            args.model, args.inputs, args.out, args.tracking_uri, args.master, args.max_pixels
         )
     else:
         from vae.serving.consume import encode_to_parquet, load_model
 
         model = load_model(args.model, args.tracking_uri)
         result = encode_to_parquet(
-            model, args.inputs, Path(args.out), args.batch_size, not args.no_progress
+            model,
+            args.inputs,
+            Path(args.out),
+            args.batch_size,
+            not args.no_progress,
+            args.max_pixels,
         )
     log.info(
         "%s: %d rows in %.1f s (%.0f rows/s)",
@@ -114,7 +133,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
     from vae.serving.consume import load_model, reconstruct_grid
 
     decoded = reconstruct_grid(
-        load_model(args.model, args.tracking_uri), args.inputs, args.out, args.n
+        load_model(args.model, args.tracking_uri), args.inputs, args.out, args.n, args.max_pixels
     )
     log.info("%s: %d images and their reconstructions", args.out, len(decoded))
 

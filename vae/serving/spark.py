@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vae.config import MAX_IMAGE_PIXELS
 from vae.data.images import IMAGE_SUFFIXES, InputError, expand_inputs, is_idx
 from vae.serving.consume import ConsumerError, embedding_columns, load_model
 
@@ -122,7 +123,9 @@ def _source_column(roots: list[tuple[str, str]]) -> Any:
     return expr
 
 
-def _decode_batches(batches: Iterator[tuple[Any, Any]], shape: tuple[int, ...]) -> Iterator[Any]:
+def _decode_batches(
+    batches: Iterator[tuple[Any, Any]], shape: tuple[int, ...], max_pixels: int
+) -> Iterator[Any]:
     """(content, source) pandas batches -> Series of (C*H*W,) float32 0..255 pixel arrays."""
     import numpy as np
     import pandas as pd
@@ -131,19 +134,19 @@ def _decode_batches(batches: Iterator[tuple[Any, Any]], shape: tuple[int, ...]) 
 
     for content, source in batches:
         pixels = [
-            decode_image(bytes(data), shape, name).reshape(-1).astype(np.float32)
+            decode_image(bytes(data), shape, name, max_pixels).reshape(-1).astype(np.float32)
             for data, name in zip(content, source, strict=True)
         ]
         yield pd.Series(pixels, index=content.index, dtype=object)
 
 
-def _decode_udf(shape: tuple[int, ...]) -> Any:
+def _decode_udf(shape: tuple[int, ...], max_pixels: int) -> Any:
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
     from pyspark.sql.types import ArrayType, FloatType
 
     def decode(batches):  # hints below
-        return _decode_batches(batches, shape)
+        return _decode_batches(batches, shape, max_pixels)
 
     # pyspark tells a pandas UDF's kind from its hints, and cannot resolve this module's string
     # annotations for a nested function. An iterator UDF, like spark_udf's own, because only
@@ -303,6 +306,7 @@ def encode_with_spark(
     out: str | Path,
     tracking_uri: str | None,
     master: str = "local[2]",
+    max_pixels: int = MAX_IMAGE_PIXELS,
 ) -> dict[str, Any]:
     """``vae encode`` on Spark: one Parquet row per image in the folder ``out``.
 
@@ -323,7 +327,7 @@ def encode_with_spark(
         with _pandas3_accepted():
             # the folder load_model downloaded: one download, and the version it read
             predict = _predict_udf(spark, str(model.local))
-            decode = _decode_udf(model.image_shape)
+            decode = _decode_udf(model.image_shape, max_pixels)
         df = _read_images(spark, plan).withColumn("source", _source_column(plan.roots))
         df = df.select("source", predict(decode("content", "source")).alias("z"))
         df = df.select("source", *(F.col("z")[i].alias(n) for i, n in enumerate(names[1:])))
