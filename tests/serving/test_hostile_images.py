@@ -59,9 +59,10 @@ def test_encode_refuses_in_one_line_and_keeps_the_output(
 
 def test_reconstruct_refuses_a_bomb_too(model: str, tmp_path: Path, capsys) -> None:
     folder = _folder(tmp_path, "bomb.png", hostile.bomb_png())
-    assert main(["-q", "reconstruct", "--model", model, str(folder), "--out", "r.png"]) == 1
+    out = tmp_path / "r.png"
+    assert main(["-q", "reconstruct", "--model", model, str(folder), "--out", str(out)]) == 1
     assert "bomb.png: the header declares 400,000,000 pixels" in capsys.readouterr().err
-    assert not Path("r.png").exists()
+    assert not out.exists()
 
 
 def test_max_pixels_is_the_limit(model: str, tmp_path: Path, capsys) -> None:
