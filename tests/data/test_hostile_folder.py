@@ -14,7 +14,10 @@ from vae.data.raw import read_source
 from vae.data.splits import DataError
 
 CASES = {
-    "bomb.png": (hostile.bomb_png, "declares 400,000,000 pixels, over the limit of 16,777,216"),
+    "bomb.png": (
+        lambda: hostile.header_only_png(20000, 20000),
+        "declares 400,000,000 pixels, over the limit of 16,777,216",
+    ),
     "big.png": (lambda: hostile.header_only_png(5000, 5000), "declares 5000x5000 = 25,000,000"),
     "text.png": (hostile.text_bomb_png, "Decompressed data too large"),
     "animated.gif": (lambda: hostile.frames("GIF"), "3 frames (an animated or multi-frame"),

@@ -14,7 +14,10 @@ from tests.data import hostile_images as hostile
 from vae.cli import main
 
 CASES: dict[str, tuple[Callable[[], bytes], str]] = {
-    "bomb.png": (hostile.bomb_png, "declares 400,000,000 pixels, over the limit of 16,777,216"),
+    "bomb.png": (
+        lambda: hostile.header_only_png(20000, 20000),
+        "declares 400,000,000 pixels, over the limit of 16,777,216",
+    ),
     "big.png": (lambda: hostile.header_only_png(5000, 5000), "declares 5000x5000 = 25,000,000"),
     "text.png": (hostile.text_bomb_png, "not a readable image (Decompressed data too large"),
     "animated.gif": (lambda: hostile.frames("GIF"), "3 frames (an animated or multi-frame"),
@@ -58,7 +61,7 @@ def test_encode_refuses_in_one_line_and_keeps_the_output(
 
 
 def test_reconstruct_refuses_a_bomb_too(model: str, tmp_path: Path, capsys) -> None:
-    folder = _folder(tmp_path, "bomb.png", hostile.bomb_png())
+    folder = _folder(tmp_path, "bomb.png", hostile.header_only_png(20000, 20000))
     out = tmp_path / "r.png"
     assert main(["-q", "reconstruct", "--model", model, str(folder), "--out", str(out)]) == 1
     assert "bomb.png: the header declares 400,000,000 pixels" in capsys.readouterr().err
