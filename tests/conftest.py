@@ -28,7 +28,13 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
-    "data": {"dataset": "fashion_mnist", "val_fraction": 0.2, "binarize": "dynamic", "seed": 0},
+    "data": {
+        "dataset": "fashion_mnist",
+        "val_fraction": 0.2,
+        "binarize": "dynamic",
+        "seed": 0,
+        "max_image_pixels": 16777216,  # dvc.yaml lists it: DVC needs every listed param
+    },
     "model": {
         "arch": "mlp",
         "latent_dim": 4,
