@@ -78,16 +78,16 @@ def open_image(
         raise InputError(f"{source}: not a readable image (no image format recognised)") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{source}: not a readable image ({exc})") from None
-    w, h = img.size
-    frames = getattr(img, "n_frames", 1)
-    if w * h > max_pixels or frames > 1:
+    (w, h), frames = img.size, getattr(img, "n_frames", 1)
+    if w * h > max_pixels:
         img.close()
-        if frames > 1:
-            raise InputError(
-                f"{source}: {frames} frames (an animated or multi-frame image); give each frame "
-                "as its own file"
-            )
         raise InputError(f"{source}: the header declares {w}x{h} = {w * h:,} pixels, {too_big}")
+    if frames > 1:
+        img.close()
+        raise InputError(
+            f"{source}: {frames} frames (an animated or multi-frame image); give each frame as "
+            "its own file"
+        )
     return img
 
 
