@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -67,3 +68,18 @@ def good_png(value: int = 128, size: int = 28) -> bytes:
     buf = io.BytesIO()
     Image.new("L", (size, size), value).save(buf, format="PNG")
     return buf.getvalue()
+
+
+# The cases both readers (vae encode and the folder dataset) refuse the same way: file name ->
+# (its bytes, a part of the one line that refuses it). Header-only PNGs: refused unread.
+CASES: dict[str, tuple[Callable[[], bytes], str]] = {
+    "bomb.png": (
+        lambda: header_only_png(20000, 20000),
+        "declares 400,000,000 pixels, over the limit of 16,777,216",
+    ),
+    "big.png": (lambda: header_only_png(5000, 5000), "declares 5000x5000 = 25,000,000"),
+    "text.png": (text_bomb_png, "not a readable image (Decompressed data too large"),
+    "animated.gif": (lambda: frames("GIF"), "3 frames (an animated or multi-frame"),
+    "animated.png": (lambda: frames("PNG"), "3 frames (an animated or multi-frame"),
+    "liar.jpg": (lambda: lying_jpeg(60000, 60000), "declares 3,600,000,000 pixels"),
+}

@@ -14,15 +14,7 @@ from vae.data.raw import read_source
 from vae.data.splits import DataError
 
 CASES = {
-    "bomb.png": (
-        lambda: hostile.header_only_png(20000, 20000),
-        "declares 400,000,000 pixels, over the limit of 16,777,216",
-    ),
-    "big.png": (lambda: hostile.header_only_png(5000, 5000), "declares 5000x5000 = 25,000,000"),
-    "text.png": (hostile.text_bomb_png, "Decompressed data too large"),
-    "animated.gif": (lambda: hostile.frames("GIF"), "3 frames (an animated or multi-frame"),
-    "animated.png": (lambda: hostile.frames("PNG"), "3 frames (an animated or multi-frame"),
-    "liar.jpg": (lambda: hostile.lying_jpeg(60000, 60000), "declares 3,600,000,000 pixels"),
+    **hostile.CASES,
     "truncated.png": (
         lambda: hostile.good_png()[:50],
         "cannot read the image (image file is truncated",
