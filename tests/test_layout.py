@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from vae.imports import closure, module_file, module_name, vae_imports
+from vae.imports import closure, module_file, module_name, runtime_nodes, vae_imports
 
 FUNCTION_LIMIT, MODULE_LIMIT = 80, 350
 CHECKED = ("vae", "pipelines", "benchmarks", "tests")
@@ -90,24 +90,13 @@ def _third_party(path: Path, deferred: bool) -> set[str]:
     unless ``deferred``)."""
     tree = ast.parse(path.read_text())
     names = set()
-    for node in ast.walk(tree) if deferred else _module_level(tree):
+    at_import = (n for n, inside_function in runtime_nodes(tree) if not inside_function)
+    for node in ast.walk(tree) if deferred else at_import:
         if isinstance(node, ast.Import):
             names |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
     return names - set(sys.stdlib_module_names) - {"vae", "__future__"}
-
-
-def _module_level(tree: ast.AST) -> list[ast.AST]:
-    out = []
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            continue
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
-            continue
-        out.append(node)
-        out += _module_level(node)
-    return out
 
 
 def _serving(root: Path) -> list[str]:

@@ -14,7 +14,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Import", "closure", "imports_in", "module_file", "module_name", "vae_imports"]
+__all__ = [
+    "Import",
+    "closure",
+    "imports_in",
+    "module_file",
+    "module_name",
+    "runtime_nodes",
+    "vae_imports",
+]
 
 ROOT = Path(__file__).resolve().parent  # the vae package folder
 
@@ -42,7 +50,9 @@ def module_name(path: Path, root: Path = ROOT) -> str:
     return ".".join(("vae", *parts[: -1 if parts[-1] == "__init__" else None]))
 
 
-def _nodes(tree: ast.AST, deferred: bool = False) -> Iterator[tuple[ast.AST, bool]]:
+def runtime_nodes(tree: ast.AST, deferred: bool = False) -> Iterator[tuple[ast.AST, bool]]:
+    """Every node that runs (``if TYPE_CHECKING:`` bodies left out), each with whether it sits
+    inside a function body (``deferred``: it runs when the function does)."""
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, ast.If) and ast.unparse(node.test) in (
             "TYPE_CHECKING",
@@ -52,7 +62,7 @@ def _nodes(tree: ast.AST, deferred: bool = False) -> Iterator[tuple[ast.AST, boo
             continue
         yield node, deferred
         inner = deferred or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-        yield from _nodes(node, inner)
+        yield from runtime_nodes(node, inner)
 
 
 def vae_imports(path: Path, root: Path = ROOT) -> list[Import]:
@@ -64,7 +74,7 @@ def vae_imports(path: Path, root: Path = ROOT) -> list[Import]:
 def imports_in(tree: ast.AST, root: Path = ROOT) -> list[Import]:
     """:func:`vae_imports` of a syntax tree: a module, or one function of it."""
     found: dict[tuple[str, bool], int] = {}
-    for node, deferred in _nodes(tree):
+    for node, deferred in runtime_nodes(tree):
         names: list[str] = []
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             if node.module == "vae" or node.module.startswith("vae."):
