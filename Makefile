@@ -11,12 +11,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: pipeline test install dataset lint bench
+.PHONY: pipeline test install dataset lint bench team-up team-down team-status
 
 pipeline: install dataset
 	dvc repro
 
-test: install java
+test: install java postgres
 	ruff check . && ruff format --check .
 	python -m pytest --durations=25
 
@@ -25,7 +25,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		-c requirements.lock -e '.[pipeline,spark,dev]'
+		-c requirements.lock -e '.[pipeline,spark,team,dev]'
 	touch $@
 
 # The raw data is data.source in params.yaml (DVC hashes it; `vae ingest` copies it). Debian's
@@ -53,7 +53,7 @@ dataset: install
 # Spark (vae encode --engine spark, tests/e2e/test_spark.py) needs Java 17 or later. Like `dataset`,
 # install Debian's JRE when apt can (as root or with password-less sudo); otherwise say what to do.
 # (The mkdir: slim Debian images lack man1, and the JRE's postinst fails without it.)
-.PHONY: java
+.PHONY: java postgres
 JAVA := $${JAVA_HOME:+$$JAVA_HOME/bin/}java
 JRE := openjdk-17-jre-headless
 java:
@@ -70,6 +70,31 @@ java:
 		echo "  apt-get install $(JRE)   (Debian/Ubuntu), or set JAVA_HOME to a Java 17+"; \
 		exit 1; \
 	fi
+
+# The team's store (docs/team.md): PostgreSQL, the object store, MLflow and Prefect servers on
+# 127.0.0.1, with their data and secrets in TEAM_STATE; clients source $(TEAM_STATE)/env/<role>.env.
+# The team tests (pytest -m team) start a stack of their own. Like java, install Debian's
+# PostgreSQL 15 when apt can.
+TEAM_STATE ?= /tmp/vae-team
+PG := postgresql-15
+postgres:
+	@if [ -x /usr/lib/postgresql/15/bin/initdb ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PG); \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PG); \
+	else \
+		echo "The team tests need PostgreSQL 15: apt-get install $(PG)"; exit 1; \
+	fi
+
+team-up: install postgres
+	python -m vae.mlops.team up --state $(TEAM_STATE)
+
+team-down: install
+	python -m vae.mlops.team down --state $(TEAM_STATE)
+
+team-status: install
+	python -m vae.mlops.team status --state $(TEAM_STATE)
 
 lint: install
 	ruff check . && ruff format --check .

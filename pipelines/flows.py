@@ -49,14 +49,14 @@ IO_STAGES = frozenset({"ingest", REGISTER})  # they read data or talk to MLflow:
 
 
 def _run(stage: str, root: str, cfg: Config) -> bool:
-    """Stage ``stage`` as its own task, with its deadline, retries and (register) lock."""
+    """Stage ``stage`` as its own task, with its deadline and retries (``vae register`` takes
+    the registry lock itself)."""
     timeout = cfg.schedule.timeout_seconds
     options: dict[str, Any] = {"name": stage, "task_run_name": stage}
     options["timeout_seconds"] = timeout + 60  # a backstop; the task kills the stage first
     if stage in IO_STAGES:
         options.update(RETRIES)
-    lock = cfg.mlflow.registered_model if stage == REGISTER else None
-    return run_stage.with_options(**options)(stage, root, lock, timeout)
+    return run_stage.with_options(**options)(stage, root, timeout)
 
 
 @flow(name="vae-pipeline", on_failure=[report_failure], on_crashed=[report_failure])

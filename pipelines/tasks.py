@@ -14,7 +14,6 @@ blindly: a rerun resumes from ``models/checkpoint.pt`` by itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -26,7 +25,6 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.locking import registry_lock
 from pipelines.procs import CommandTimeout, run_command
 from pipelines.reports import mlflow_links, stage_log_dir
 from vae.errors import EXIT_ERROR, EXIT_USAGE, PermanentError
@@ -147,14 +145,10 @@ def _run_logged(
 
 
 @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC is the cache
-def run_stage(stage: str, root: str, lock: str | None = None, timeout: float = 10800) -> bool:
-    """``dvc repro -s <stage>`` with its output in this task's log; True if the stage ran.
-
-    ``lock``: hold this registry lock (see :mod:`pipelines.locking`) while the stage runs.
-    """
+def run_stage(stage: str, root: str, timeout: float = 10800) -> bool:
+    """``dvc repro -s <stage>`` with its output in this task's log; True if the stage ran."""
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    with registry_lock(lock) if lock else contextlib.nullcontext():
-        lines = _run_logged(stage, cmd, root, timeout)
+    lines = _run_logged(stage, cmd, root, timeout)
     return any(f"Running stage '{stage}'" in line for line in lines)
 
 

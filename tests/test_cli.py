@@ -39,6 +39,10 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 def test_log_lines_off_a_terminal_carry_time_and_level(
     project: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from tests.conftest import write_params
+
+    # its own tiny data, not Debian's package: a machine without it runs this test too
+    write_params(project / "params.yaml", data={"source": str(project / "data" / "raw")})
     assert main(["ingest", "--check"]) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines

@@ -1,11 +1,14 @@
-"""OS file locks: what a killed process held is free again at once.
+"""Locks: OS file locks for one machine, Prefect concurrency leases for a team's machines.
 
 ``flock`` belongs to the open file, and the kernel closes every file of a process that dies, so
-unlike a lock *file* (whose existence is the lock) nothing is left behind by ``kill -9``.
+unlike a lock *file* (whose existence is the lock) nothing is left behind by ``kill -9``. Across
+machines the lock is a Prefect global concurrency limit of one slot on the shared Prefect server:
+its slot is a lease that the holder renews, so a killed holder frees it when the lease runs out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import logging
@@ -18,7 +21,19 @@ from pathlib import Path
 
 from vae.errors import RetryableError
 
-__all__ = ["WRITER_LOCK", "LockTimeout", "file_lock", "registry_lock_path", "workspace_writer"]
+__all__ = [
+    "REGISTRY_LEASE_SECONDS",
+    "WRITER_LOCK",
+    "LockTimeout",
+    "ensure_limit",
+    "file_lock",
+    "global_lock",
+    "prefect_api_url",
+    "registry_lock",
+    "registry_lock_name",
+    "registry_lock_path",
+    "workspace_writer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +82,8 @@ def registry_lock_path(uri: str, registered_model: str) -> Path:
     """The lock that makes one registration at a time of ``registered_model`` in store ``uri``.
 
     For a SQLite store it lies beside the database, so every process that uses that file (queue
-    workers, scheduled flows, a user's shell) agrees on it. For a server it is per machine; the
-    Prefect flows add a global concurrency limit that holds across machines.
+    workers, scheduled flows, a user's shell) agrees on it. For a server it is per machine only:
+    :func:`registry_lock` takes a Prefect lease instead when a Prefect API is configured.
     """
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
@@ -89,4 +104,107 @@ def workspace_writer(what: str, folder: str | Path = ".") -> Iterator[None]:
         yield
         return
     with file_lock(Path(folder) / WRITER_LOCK, 0.0, what):
+        yield
+
+
+# The shortest lease the Prefect server accepts (60 s): the holder renews it every 45 s, and a
+# killed holder's slot is free again 15-60 s later, plus one pass of the server's repossessor.
+REGISTRY_LEASE_SECONDS = 60.0
+_warned: set[str] = set()
+
+
+def registry_lock_name(registered_model: str) -> str:
+    return f"vae-register-{registered_model}"
+
+
+def prefect_api_url() -> str | None:
+    """The Prefect API this process talks to: ``PREFECT_API_URL``, or the active profile's."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    try:
+        from prefect.settings import get_current_settings
+    except ImportError:
+        return None
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+@contextmanager
+def registry_lock(uri: str, registered_model: str, timeout: float) -> Iterator[None]:
+    """One registration of ``registered_model`` in store ``uri`` at a time, wherever it runs.
+
+    A SQLite store is one machine's: the file lock beside it. A tracking server with a Prefect
+    API configured: the global concurrency limit ``vae-register-<model>`` on that Prefect
+    server, which every machine of the team shares. A server without one: a file lock on this
+    machine, and a one-line warning that other machines are not kept out.
+    """
+    what = f"registering {registered_model}"
+    api = None if uri.startswith("sqlite:///") else prefect_api_url()
+    if api is None:
+        if not uri.startswith("sqlite:///") and registered_model not in _warned:
+            _warned.add(registered_model)
+            log.warning(
+                "%s: no Prefect API configured (PREFECT_API_URL), so registrations are "
+                "serialised on this machine only",
+                what,
+            )
+        with file_lock(registry_lock_path(uri, registered_model), timeout, what):
+            yield
+        return
+    with global_lock(registry_lock_name(registered_model), timeout, what, REGISTRY_LEASE_SECONDS):
+        yield
+
+
+def ensure_limit(name: str) -> None:
+    """Create the global concurrency limit ``name`` with one slot, or reset it to one slot."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):  # another process created it first
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1, active=True)
+                )
+            return
+        if limit.limit != 1 or not limit.active:
+            client.update_global_concurrency_limit(
+                name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+            )
+
+
+@contextmanager
+def global_lock(
+    name: str, timeout: float | None, what: str, lease_seconds: float = 300.0
+) -> Iterator[None]:
+    """Hold the one slot of Prefect global concurrency limit ``name`` (created when missing).
+
+    Waits up to ``timeout`` seconds (:class:`LockTimeout`, exit 75); an unreachable Prefect
+    server is :class:`LockTimeout` too, in one line. The lease is renewed while the block runs.
+    """
+    import httpx
+    from prefect.concurrency.sync import concurrency
+
+    with contextlib.ExitStack() as stack:
+        try:
+            ensure_limit(name)
+            stack.enter_context(
+                concurrency(
+                    name, timeout_seconds=timeout, lease_duration=lease_seconds, strict=True
+                )
+            )
+        except TimeoutError:
+            raise LockTimeout(
+                f"{what}: the Prefect lock {name} was not released within {timeout:g} s; try again"
+            ) from None
+        except (httpx.HTTPError, OSError) as exc:
+            raise LockTimeout(
+                f"{what}: the Prefect API {prefect_api_url()} is unreachable ({exc}); try again"
+            ) from None
         yield

@@ -86,7 +86,7 @@ def test_retrain_first_run_promotes(prefect_server: None, repo: Path) -> None:
     from prefect.client.orchestration import get_client
 
     from pipelines.flows import stage_order, vae_retrain
-    from pipelines.locking import lock_name, workspace_lock_name
+    from pipelines.locking import workspace_lock_name
 
     state = vae_retrain(root=str(repo), return_state=True)
     assert state.is_completed(), state
@@ -113,10 +113,9 @@ def test_retrain_first_run_promotes(prefect_server: None, repo: Path) -> None:
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())
     assert str(champion.version) == "1"
     assert champion.tags["dataset_sha256"] == manifest["dataset_sha256"]
-    with get_client(sync_client=True) as client:  # both locks were taken and released
-        for name in (lock_name(NAME), workspace_lock_name(repo)):
-            limit = client.read_global_concurrency_limit_by_name(name)
-            assert (limit.limit, limit.active, limit.active_slots) == (1, True, 0), name
+    with get_client(sync_client=True) as client:  # the workspace lock was taken and released
+        limit = client.read_global_concurrency_limit_by_name(workspace_lock_name(repo))
+        assert (limit.limit, limit.active, limit.active_slots) == (1, True, 0)
 
 
 def test_forced_retrain_with_nothing_changed_registers_nothing(

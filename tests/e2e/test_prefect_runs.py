@@ -149,7 +149,7 @@ def test_registry_lock_makes_registrations_sequential(prefect_server: None) -> N
     import contextlib
     import functools
 
-    from pipelines.locking import registry_lock
+    from vae.locks import registry_lock
 
     candidates = [5.0, 3.0, 4.0, 6.0]  # the best is version 2
     # Without the lock the race is real: every thread reads "no champion" and promotes itself.
@@ -157,7 +157,7 @@ def test_registry_lock_makes_registrations_sequential(prefect_server: None) -> N
     assert any(b[0] < a[1] for a, b in itertools.pairwise(sections))
 
     registry, sections = _racing_registrations(
-        functools.partial(registry_lock, "race-model", timeout_seconds=60), candidates
+        functools.partial(registry_lock, "http://mlflow.example", "race-model", 60), candidates
     )
     assert len(sections) == len(candidates)
     assert all(b[0] >= a[1] for a, b in itertools.pairwise(sections)), sections

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from vae.core.model import VAE
-from vae.errors import PermanentError
+from vae.errors import PermanentError, RetryableError
 from vae.mlops import store
 from vae.mlops.packaging import describe_version, log_model
 from vae.pyfunc import load_vae_dir
 
 __all__ = [
+    "ChampionMoved",
     "RegistryError",
     "decide_promotion",
     "load_vae",
@@ -45,6 +46,10 @@ TAGGED_METRICS = (
 
 class RegistryError(PermanentError, RuntimeError):
     """A registry problem (unknown model, alias or URI), in one line."""
+
+
+class ChampionMoved(RetryableError, RuntimeError):
+    """Another registration moved the champion while this one decided (retryable)."""
 
 
 def decide_promotion(
@@ -95,19 +100,21 @@ def register(
     is re-scored on this test data with ``reevaluate(champion_model) -> nll_iw``. ``tags`` go
     on the new version too (DVC's data hashes, the DVC experiment).
 
-    Registering, reading the champion and moving the aliases happen under a file lock per store
-    and model (:func:`vae.locks.registry_lock_path`), so two processes (queue workers, a
-    scheduled flow) never both read the same champion and both move it.
+    Registering, reading the champion and moving the aliases happen under the registry lock of
+    the store and model (:func:`vae.locks.registry_lock`: across machines when a Prefect API is
+    configured), so two processes never both read the same champion and both move it. The model
+    is logged (its artifacts uploaded) before it is registered, so no alias ever points to a
+    version without its files.
     """
-    from vae.locks import file_lock, registry_lock_path
-    from vae.mlops.store import tracking_uri
+    from vae.locks import registry_lock
 
-    model_uri = log_model(model, run_id)
-    uri = tracking_uri()
-    with file_lock(registry_lock_path(uri, name), REGISTER_LOCK_TIMEOUT, f"registering {name}"):
-        return _register_and_gate(
-            model, model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags
-        )
+    uri = store.tracking_uri()
+    with store.one_line_errors(uri, f"registering {name}"):
+        model_uri = log_model(model, run_id)
+        with registry_lock(uri, name, REGISTER_LOCK_TIMEOUT):
+            return _register_and_gate(
+                model, model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags
+            )
 
 
 def _register_and_gate(
@@ -148,7 +155,7 @@ def _register_and_gate(
             champion_nll = _finite(reevaluate(load_vae(f"models:/{name}/{champion_version}")))
     promoted, reason = decide_promotion(new_nll, champion_nll, champion_version)
     if promoted:
-        client.set_registered_model_alias(name, "champion", version)
+        _move_champion(client, name, version, champion_version, run_id)
     log.info(
         "%s v%s: %s (%s)",
         name,
@@ -169,6 +176,29 @@ def _register_and_gate(
         "run_id": run_id,
         "model_uri": model_uri,
     }
+
+
+def _move_champion(client: Any, name: str, version: str, replaced: str | None, run_id: str) -> None:
+    """Point ``champion`` at ``version``, recording on it which version it replaced and when.
+
+    The champion is read once more first: if it is no longer ``replaced``, another registration
+    moved it without holding the lock (a machine with no Prefect API), and this one stops
+    rather than overwrite a decision it did not see.
+    """
+    from datetime import UTC, datetime
+
+    now = _champion(client, name)
+    if (now.version if now else None) != replaced:
+        raise ChampionMoved(
+            f"{name}: champion moved to v{now.version if now else '-'} while v{version} was "
+            f"being registered (was v{replaced or '-'}); register again"
+        )
+    client.set_model_version_tag(name, version, "champion_replaced", replaced or "none")
+    client.set_model_version_tag(name, version, "champion_from_run", run_id)
+    client.set_model_version_tag(
+        name, version, "champion_since", datetime.now(UTC).isoformat(timespec="milliseconds")
+    )
+    client.set_registered_model_alias(name, "champion", version)
 
 
 def _new_version(
@@ -202,15 +232,13 @@ def reregister(model_uri: str) -> dict[str, Any]:
     its tags (``reregistered_from`` says which version it came from) and takes over its
     aliases, ``champion`` included: same weights, same scores. The old version stays.
     """
-    from vae.locks import file_lock, registry_lock_path
-    from vae.mlops.store import tracking_uri
+    from vae.locks import registry_lock
 
     client = store.client()
     old = _resolve_version(client, model_uri)
     model = load_vae(f"models:/{old.name}/{old.version}")
     new_uri = log_model(model, old.run_id)
-    lock = registry_lock_path(tracking_uri(), old.name)
-    with file_lock(lock, REGISTER_LOCK_TIMEOUT, f"re-registering {old.name}"):
+    with registry_lock(store.tracking_uri(), old.name, REGISTER_LOCK_TIMEOUT):
         metrics = {k: old.tags[k] for k in TAGGED_METRICS if k in old.tags}
         version = _new_version(client, model, new_uri, old.name, old.run_id, metrics)
         kept = {"usage", "source_run"}

@@ -15,19 +15,23 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vae.errors import RetryableError
+from vae.errors import PermanentError, RetryableError
 from vae.mlops.lineage import dvc_root
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = [
+    "NotAllowed",
     "TrackingUnavailable",
     "check_reachable",
     "client",
+    "one_line_errors",
     "local_store",
     "project_root",
     "redact",
@@ -36,7 +40,11 @@ __all__ = [
 
 
 class TrackingUnavailable(RetryableError, RuntimeError):
-    """The tracking server cannot be reached."""
+    """The tracking server cannot be reached, or failed on its side (retryable)."""
+
+
+class NotAllowed(PermanentError, RuntimeError):
+    """The tracking server refused these credentials: not authenticated, or not permitted."""
 
 
 def project_root(root: str | Path | None = None) -> Path:
@@ -89,3 +97,32 @@ def client(uri: str | None = None) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri or tracking_uri())
+
+
+@contextmanager
+def one_line_errors(uri: str, what: str) -> Iterator[None]:
+    """Turn a tracking server's refusal or failure inside the block into one line of ours.
+
+    401 is :class:`NotAllowed` naming the variables to set; 403 is :class:`NotAllowed` naming
+    the user; 5xx and a server that stopped answering are :class:`TrackingUnavailable` (exit
+    75). Anything else (an unknown model, a bad request) goes on as MLflow raised it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as exc:
+        status = exc.get_http_status_code()
+        where = redact(uri)
+        if exc.error_code == "UNAUTHENTICATED" or status == 401:
+            raise NotAllowed(
+                f"{what}: {where} says you are not authenticated; set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            ) from None
+        if exc.error_code == "PERMISSION_DENIED" or status == 403:
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            raise NotAllowed(f"{what}: {where} denies {user} permission to do this") from None
+        if status >= 500 and uri.startswith(("http://", "https://")):
+            first = str(exc.message).splitlines()[0][:300]
+            raise TrackingUnavailable(f"{what}: {where} failed ({first}); try again") from None
+        raise

@@ -126,7 +126,19 @@ def load_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
             raise ConsumerError(f"{model_uri}: not a model logged by this package (no data/vae)")
         return LoadedModel(mlflow.pyfunc.load_model(str(local)), local)
     except MlflowException as exc:
-        raise ConsumerError(f"{model_uri}: cannot load ({exc.message.splitlines()[0]})") from None
+        raise ConsumerError(f"{model_uri}: cannot load ({_why(exc)})") from None
+
+
+def _why(exc: Any) -> str:
+    """An MLflow failure in a few words: a server's 401/403 says what to set."""
+    if exc.error_code == "UNAUTHENTICATED":
+        return (
+            "the tracking server says you are not authenticated; set MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD"
+        )
+    if exc.error_code == "PERMISSION_DENIED":
+        return "the tracking server denies this user permission to read it"
+    return str(exc.message).splitlines()[0]
 
 
 def embedding_columns(code_dim: int) -> list[str]:

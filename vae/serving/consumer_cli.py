@@ -1,4 +1,4 @@
-"""``vae encode | sample | reconstruct | reregister``: the consumer commands, over any model URI.
+"""``vae encode | sample | reconstruct | reregister | champion-webhook``: the registry's side.
 
 They need no ``params.yaml`` and no project: only a model URI and, for ``models:/`` and
 ``runs:/`` URIs, a tracking store (``--tracking-uri`` or ``MLFLOW_TRACKING_URI``). The library
@@ -16,7 +16,7 @@ from pathlib import Path
 __all__ = ["CONSUMER_COMMANDS", "add_consumer_parsers"]
 
 log = logging.getLogger("vae")
-CONSUMER_COMMANDS = ("encode", "sample", "reconstruct", "reregister")
+CONSUMER_COMMANDS = ("encode", "sample", "reconstruct", "reregister", "champion-webhook")
 URI_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a model folder"
 
 
@@ -92,6 +92,13 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
     p.set_defaults(func=_reregister)
+    p = sub.add_parser(
+        "champion-webhook",
+        help="create (or update) the MLflow webhook that fires when an alias moves; "
+        "an admin call, secret from $VAE_CHAMPION_WEBHOOK_SECRET",
+    )
+    p.add_argument("--url", help="the receiver (default: $VAE_CHAMPION_WEBHOOK_URL)")
+    p.set_defaults(func=_champion_webhook)
 
 
 def _encode(args: argparse.Namespace) -> None:
@@ -146,3 +153,9 @@ def _reregister(args: argparse.Namespace) -> None:
     if uri:
         os.environ["MLFLOW_TRACKING_URI"] = uri  # vae.mlops.registry reads the store from there
     print(json.dumps(reregister(args.model)))
+
+
+def _champion_webhook(args: argparse.Namespace) -> None:
+    from vae.mlops.webhooks import ensure_champion_webhook
+
+    print(json.dumps(ensure_champion_webhook(args.url)))
