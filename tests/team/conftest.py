@@ -10,6 +10,7 @@ registered model, remote prefix) by a random suffix, so they share one stack.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -44,14 +45,17 @@ class TeamProject:
 
 @pytest.fixture(scope="session")
 def team_stack() -> Iterator[object]:
+    """A fresh stack for this run; ``VAE_TEST_TEAM_STATE=DIR``: that one, left running after."""
     from vae.mlops.team.__main__ import down, up
 
-    state = Path(tempfile.mkdtemp(prefix="vae-team-", dir="/tmp"))
+    kept = os.environ.get("VAE_TEST_TEAM_STATE")
+    state = Path(kept or tempfile.mkdtemp(prefix="vae-team-", dir="/tmp"))
     try:
         yield up(state)
     finally:
-        down(state)
-        shutil.rmtree(state, ignore_errors=True)
+        if not kept:
+            down(state)
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def add_s3_remote(root: Path, stack: object, url: str, env: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import socket
+import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,10 +109,15 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _token(n: int) -> str:
+    """``n`` random letters and digits: safe in a URL, an env file and a command line."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(n))
+
+
 def _new_secrets() -> dict[str, str]:
     from cryptography.fernet import Fernet
 
-    token = secrets.token_urlsafe
+    token = _token
     return {
         "pg_postgres": token(18),
         "pg_mlflow": token(18),
