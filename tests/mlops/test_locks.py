@@ -137,3 +137,35 @@ def test_a_second_writer_in_the_workspace_refuses_at_once(
         holder.wait()
     with file_lock(project / WRITER_LOCK, 0.0, "after the kill"):
         pass
+
+
+def test_a_server_without_a_prefect_api_warns_once_that_the_lock_is_this_machines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import vae.locks
+
+    monkeypatch.setattr(vae.locks, "prefect_api_url", lambda: None)
+    monkeypatch.setattr(vae.locks, "_warned", set())
+    monkeypatch.setattr(vae.locks.tempfile, "gettempdir", lambda: str(tmp_path))
+    uri = "http://mlflow.example:5000"
+    with caplog.at_level("WARNING", logger="vae.locks"):
+        for _ in range(2):
+            with vae.locks.registry_lock(uri, "m", 1.0):
+                assert list(tmp_path.glob("vae-register-*.lock"))  # a file lock on this machine
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        "registering m: no Prefect API configured (PREFECT_API_URL), so registrations are "
+        "serialised on this machine only"
+    ]
+    caplog.clear()
+    sqlite = vae.locks.registry_lock(f"sqlite:///{tmp_path / 'mlflow.db'}", "n", 1.0)
+    with caplog.at_level("WARNING", logger="vae.locks"), sqlite:
+        assert (tmp_path / "mlflow.db.register-n.lock").exists()  # beside the database
+    assert not caplog.records  # SQLite is one machine's by nature: nothing to warn about
+
+
+def test_the_prefect_api_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vae.locks import prefect_api_url
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert prefect_api_url() == "http://127.0.0.1:4200/api"
