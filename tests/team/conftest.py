@@ -34,13 +34,15 @@ class TeamProject:
     experiment: str
 
     def env(self, role: str = "writer", **extra: str) -> dict[str, str]:
-        """A subprocess environment as MLflow user ``role`` (``none``: no credentials)."""
+        """A subprocess environment as MLflow user ``role`` (``none``: no credentials), with
+        the retry limits of ``env/s3.env`` (the S3 keys are in each clone's config.local)."""
+        retries = {k: v for k, v in self.stack.dvc_env().items() if "_KEY" not in k}
         if role == "none":
-            env = subprocess_env(**self.stack.client_env("reader"), **extra)
+            env = subprocess_env(**self.stack.client_env("reader"), **retries, **extra)
             env.pop("MLFLOW_TRACKING_USERNAME")
             env.pop("MLFLOW_TRACKING_PASSWORD")
             return env
-        return subprocess_env(**self.stack.client_env(role), **extra)
+        return subprocess_env(**self.stack.client_env(role), **retries, **extra)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,16 +89,22 @@ def test_object_store_killed_mid_push_then_a_second_push_completes(
     assert push.returncode != 0, out
     print(f"dvc push, the store killed after {landed} objects (exit {push.returncode}):")
     print("\n".join(dict.fromkeys(out.splitlines()[-4:])))
-    assert "failed to push data to the cloud" in out, out
+    # DVC's own words: "failed to push data to the cloud - N files failed to upload" when
+    # single transfers failed, "unexpected error - Could not connect to the endpoint URL" when
+    # the store went while DVC was reading the remote's index
+    assert "failed to push data to the cloud" in out or "Could not connect" in out, out
     cache_after = sorted(p.name for p in (root / ".dvc" / "cache").rglob("*") if p.is_file())
     assert cache_after == cache_before  # nothing in the local cache is lost
-    failed = int(re.search(r"(\d+) files? failed to upload", out).group(1))
     again = dvc(root, "push", "-r", "midpush", env=env)
-    assert re.search(rf"\b{failed} files? pushed", again), again  # exactly what had failed
+    failed = re.search(r"(\d+) files? failed to upload", out)
+    if failed:  # the second push sends exactly what had failed
+        assert re.search(rf"\b{failed.group(1)} files? pushed", again), again
     status = dvc(root, "status", "-c", "-r", "midpush", env=env)
     assert "in sync" in status, status
     assert len(_objects(stack, prefix)) >= BLOBS
-    run(root, "git", "checkout", "--", ".")
+    run(root, "git", "checkout", "--", ".")  # the remote and .gitignore as they were
+    shutil.rmtree(blobs)
+    (root / "blobs.dvc").unlink()
 
 
 def test_postgres_restarted_during_register(team_project: TeamProject) -> None:

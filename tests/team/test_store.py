@@ -73,7 +73,7 @@ def test_the_pipeline_keeps_its_artifacts_in_the_object_store(team_project: Team
         assert not (root / local).exists(), local
         assert not stack.path("mlflow", local).exists(), local
     decision = json.loads((root / "metrics/registry.json").read_text())
-    assert decision["promoted"] and decision["name"] == team_project.model
+    assert decision["registered"] and decision["name"] == team_project.model
 
 
 def test_a_second_clone_pulls_everything_and_has_nothing_to_run(

@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.role is None:
                 parser.error("env needs a role: admin, writer, reader or s3")
             stack = load_or_create(args.state)
-            env = stack.s3_env() if args.role == "s3" else stack.client_env(args.role)
+            env = stack.dvc_env() if args.role == "s3" else stack.client_env(args.role)
             print("".join(f"export {k}={v}\n" for k, v in env.items()), end="")
     except VaeError as exc:
         print(f"team {args.command}: error: {exc}", file=sys.stderr)

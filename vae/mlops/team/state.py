@@ -78,6 +78,16 @@ class Stack:
             "MLFLOW_S3_ENDPOINT_URL": self.s3_url,
         }
 
+    def dvc_env(self) -> dict[str, str]:
+        """What ``dvc push``/``pull`` need: the keys, and two tries per request, not five.
+
+        botocore's default retries a refused connection for about 14 s per file; with a dead
+        store a push of hundreds of files would stall for minutes. dvc-s3 has no retry key, so
+        the limit goes in the environment (or ``max_attempts`` in ``~/.aws/config``).
+        """
+        keys = {k: v for k, v in self.s3_env().items() if k.startswith("AWS_")}
+        return {**keys, "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+
     def client_env(self, role: str) -> dict[str, str]:
         """The environment of an MLflow user ``role``: the servers and its own credentials."""
         if role not in ROLES:
@@ -97,7 +107,7 @@ class Stack:
         folder = self.path("env")
         folder.mkdir(exist_ok=True)
         files = {f"{role}.env": self.client_env(role) for role in ROLES}
-        files["s3.env"] = self.s3_env()
+        files["s3.env"] = self.dvc_env()
         for name, env in files.items():
             text = "".join(f"export {k}={v}\n" for k, v in env.items())
             _write_private(folder / name, text)
