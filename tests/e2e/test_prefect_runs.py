@@ -90,7 +90,7 @@ def test_task_deadline_kills_the_whole_process_group(prefect_server: None, tmp_p
 
     @flow
     def slow() -> Any:
-        state = run_stage("slow", str(tmp_path), None, 3.0, return_state=True)
+        state = run_stage("slow", str(tmp_path), 3.0, return_state=True)
         return state.result(raise_on_failure=False)
 
     start = time.monotonic()
