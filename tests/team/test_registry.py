@@ -137,6 +137,15 @@ def _rounds(client: Any, a: Path, b: Path, name: str, env: dict) -> None:
         (mv for mv in versions.values() if mv.version in moved),
         key=lambda mv: mv.tags["champion_since"],
     )
+    print(
+        f"{len(decisions)} registrations in {ROUNDS} rounds; champion v{first.version} -> v{final}"
+    )
+    for mv in moves:
+        print(
+            f"  v{mv.version} nll_iw {nll[mv.version]:.3f} replaced v"
+            f"{mv.tags['champion_replaced']} at {mv.tags['champion_since']} (run {mv.run_id})"
+        )
+    print(f"  seen by a reader polling @champion: {' -> '.join('v' + v for v in seen)}")
     chain = [first.version, *(m.version for m in moves)]
     for before, move in zip(chain, moves, strict=False):
         assert move.tags["champion_replaced"] == before, move.tags
@@ -237,6 +246,9 @@ def test_the_champion_webhook_fires_signed_when_the_champion_moves(
         receiver.wait_for(2)  # challenger, then champion
         events = ours()
         assert {"name": name, "version": str(better["version"])} in events, events
+        for headers, body in receiver.deliveries[-2:]:
+            sig = headers.get("X-MLflow-Signature", "")[:14]
+            print(f"delivery {headers.get('X-MLflow-Delivery-Id')} {sig}... verified: {body!r}")
         assert events.count(None) == 1  # the challenger alias: no champion event
 
         before = len(receiver.deliveries)
