@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -71,16 +72,22 @@ def add_s3_remote(root: Path, stack: object, url: str, env: dict[str, str]) -> N
 
 def add_s3_keys(root: Path, stack: object, env: dict[str, str]) -> None:
     keys = stack.s3_env()
-    dvc(root, "remote", "modify", "--local", "team", "access_key_id", keys["AWS_ACCESS_KEY_ID"])
-    dvc(
-        root,
-        "remote",
-        "modify",
-        "--local",
-        "team",
-        "secret_access_key",
-        keys["AWS_SECRET_ACCESS_KEY"],
+    for name, key in (
+        ("access_key_id", "AWS_ACCESS_KEY_ID"),
+        ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ):
+        dvc(root, "remote", "modify", "--local", "team", name, keys[key], env=env)
+
+
+def start_register(root: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A real ``vae register`` in ``root``, its output kept."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vae", "register"],
+        cwd=root,
         env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import dvc, run
-from tests.team.conftest import TeamProject
+from tests.team.conftest import TeamProject, add_s3_keys, start_register
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 BLOBS = 120
@@ -106,14 +106,7 @@ def test_postgres_restarted_during_register(team_project: TeamProject) -> None:
 
     root, stack = team_project.root, team_project.stack
     env = team_project.env("writer")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vae", "register"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_register(root, env)
     time.sleep(8)  # inside: logging the model, registering, tagging
     data = stack.path("postgres", "data")
     pg_ctl = [str(pg_bindir() / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
@@ -188,16 +181,7 @@ def test_dvc_with_wrong_keys_fails_with_dvcs_message(
             timeout=120,
         )
     finally:
-        keys = team_project.stack.s3_env()
-        dvc(
-            root,
-            "remote",
-            "modify",
-            "--local",
-            "team",
-            "secret_access_key",
-            keys["AWS_SECRET_ACCESS_KEY"],
-        )
+        add_s3_keys(root, team_project.stack, env)
     print(f"dvc push with a wrong secret (exit {proc.returncode}):\n{proc.stderr}")
     assert proc.returncode != 0
     assert time.time() - started < 60

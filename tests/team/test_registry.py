@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import dvc, free_port
-from tests.team.conftest import TeamProject, clone
+from tests.team.conftest import TeamProject, clone, start_register
 
 pytestmark = [pytest.mark.team, pytest.mark.slow]
 ROUNDS = 5
@@ -36,17 +36,6 @@ def _set_nll(root: Path, nll: float) -> None:
     metrics = json.loads(path.read_text())
     metrics["nll_iw"] = nll
     path.write_text(json.dumps(metrics))
-
-
-def _register(root: Path, env: dict) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vae", "register"],
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _finish(proc: subprocess.Popen, root: Path) -> dict:
@@ -114,7 +103,7 @@ def _rounds(client: Any, a: Path, b: Path, name: str, env: dict) -> None:
             (good, bad) = (a, b) if r % 2 == 0 else (b, a)
             _set_nll(good, better)
             _set_nll(bad, worse)
-            procs = [(_register(root, env), root) for root in (a, b)]
+            procs = [(start_register(root, env), root) for root in (a, b)]
             decisions += [_finish(proc, root) for proc, root in procs]
         time.sleep(1)
     finally:
@@ -241,7 +230,7 @@ def test_the_champion_webhook_fires_signed_when_the_champion_moves(
         with as_user(team_project) as client:
             champion_nll = float(client.get_model_version_by_alias(name, "champion").tags["nll_iw"])
         _set_nll(a, champion_nll - 1)
-        better = _finish(_register(a, team_project.env("writer")), a)
+        better = _finish(start_register(a, team_project.env("writer")), a)
         assert better["promoted"]
         receiver.wait_for(2)  # challenger, then champion
         events = ours()
@@ -253,7 +242,7 @@ def test_the_champion_webhook_fires_signed_when_the_champion_moves(
 
         before = len(receiver.deliveries)
         _set_nll(a, champion_nll + 50)
-        worse = _finish(_register(a, team_project.env("writer")), a)
+        worse = _finish(start_register(a, team_project.env("writer")), a)
         assert not worse["promoted"]
         receiver.wait_for(before + 1)
         time.sleep(3)

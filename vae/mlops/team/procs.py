@@ -28,13 +28,11 @@ def _pid_file(state: Path, name: str) -> Path:
 
 def running(state: Path, name: str) -> int | None:
     """The pid of service ``name`` if its recorded process is alive."""
-    path = _pid_file(state, name)
     try:
-        pid = int(path.read_text())
-        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ValueError, IndexError):
+        pid = int(_pid_file(state, name).read_text())
+    except (FileNotFoundError, ValueError):
         return None
-    return None if stat == "Z" else pid
+    return pid if _alive(pid) else None
 
 
 def start(state: Path, name: str, args: list[str], env: dict[str, str], cwd: Path) -> int:
