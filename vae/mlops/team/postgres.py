@@ -11,10 +11,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from vae.mlops.team.procs import ServiceError
+from vae.mlops.team.procs import ServiceError, ensure_ports_free
 from vae.mlops.team.state import HOST, Stack
 
-__all__ = ["pg_connect", "start_postgres", "stop_postgres"]
+__all__ = ["check_login", "pg_connect", "start_postgres", "stop_postgres"]
 
 PG_VERSION = 15
 
@@ -62,6 +62,7 @@ def start_postgres(stack: Stack) -> None:
         _run(_as_postgres(initdb), "initdb")
         pwfile.unlink()
     if not _pg_ready(stack):
+        ensure_ports_free("PostgreSQL", HOST, stack.service_ports("postgres"))
         options = f"-h {HOST} -p {stack.ports['postgres']} -k {folder}"
         pg_ctl = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log")]
         _run(_as_postgres([*pg_ctl, "-o", options, "-w", "-t", "60", "start"]), "pg_ctl start")
@@ -86,6 +87,26 @@ def pg_connect(stack: Stack, db: str = "postgres", user: str = "postgres"):
         password=stack.secrets[f"pg_{user}"],
         connect_timeout=3,
     )
+
+
+def check_login(stack: Stack, db: str, what: str) -> None:
+    """Fail naming ``what`` if ``db``'s owner cannot log in with the stack's password.
+
+    Checked before a server starts on ``db``: MLflow retries a refused login for about 100 s
+    before it exits, Prefect for as long as it runs.
+    """
+    import psycopg2
+
+    owner = "prefect" if db == "prefect" else "mlflow"
+    try:
+        pg_connect(stack, db, owner).close()
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().splitlines()[0].strip()
+        reason = reason[reason.find("FATAL:") :] if "FATAL:" in reason else reason
+        raise ServiceError(
+            f"{what}: PostgreSQL at {HOST}:{stack.ports['postgres']} refuses {owner} on "
+            f"database {db}: {reason}"
+        ) from None
 
 
 def _pg_ready(stack: Stack) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -15,7 +17,15 @@ from pathlib import Path
 
 from vae.errors import RetryableError
 
-__all__ = ["ServiceError", "http_ok", "running", "start", "stop", "wait_until"]
+__all__ = [
+    "ServiceError",
+    "ensure_ports_free",
+    "http_ok",
+    "running",
+    "start",
+    "stop",
+    "wait_until",
+]
 
 
 class ServiceError(RetryableError, RuntimeError):
@@ -33,6 +43,23 @@ def running(state: Path, name: str) -> int | None:
     except (FileNotFoundError, ValueError):
         return None
     return pid if _alive(pid) else None
+
+
+def ensure_ports_free(what: str, host: str, ports: list[int]) -> None:
+    """Fail naming ``what`` and the port if another program listens on one of ``ports``.
+
+    Checked before a start: otherwise a health check could pass against that other program.
+    """
+    for port in ports:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+            try:
+                probe.bind((host, port))
+            except OSError:
+                raise ServiceError(
+                    f"{what}: port {port} on {host} is taken by another program "
+                    f"(ss -ltnp 'sport = :{port}' names it); stop it, or use a new state folder"
+                ) from None
 
 
 def start(state: Path, name: str, args: list[str], env: dict[str, str], cwd: Path) -> int:
@@ -93,7 +120,7 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 def wait_until(
     check: Callable[[], bool], what: str, timeout: float, state: Path, name: str
 ) -> None:
-    """Poll ``check`` until true; fail naming ``what`` and the log's last line otherwise."""
+    """Poll ``check`` until true; fail naming ``what`` and the log's error line otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
@@ -103,9 +130,20 @@ def wait_until(
         time.sleep(0.3)
     log = state / "logs" / f"{name}.log"
     lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-    last = lines[-1][:300] if lines else "no output"
     exited = name and running(state, name) is None
     raise ServiceError(
         f"{what} {'exited' if exited else f'not healthy within {timeout:g} s'}; "
-        f"last line of {log}: {last}"
+        f"in {log}: {_reason(lines)[:300]}"
     )
+
+
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b|FATAL|ERROR|[Ee]rror:")
+
+
+def _reason(lines: list[str]) -> str:
+    """The last line of a log that reads as an error (a traceback's last, a FATAL), else the
+    last line: a traceback ends in notes such as SQLAlchemy's "Background on this error"."""
+    for line in reversed(lines[-200:]):
+        if _ERROR_LINE.search(line):
+            return line.strip()
+    return lines[-1].strip() if lines else "no output"

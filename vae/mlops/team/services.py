@@ -20,8 +20,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from vae.mlops.team.postgres import start_postgres, stop_postgres
-from vae.mlops.team.procs import ServiceError, http_ok, running, start, stop, wait_until
+from vae.mlops.team.postgres import check_login, start_postgres, stop_postgres
+from vae.mlops.team.procs import (
+    ServiceError,
+    ensure_ports_free,
+    http_ok,
+    running,
+    start,
+    stop,
+    wait_until,
+)
 from vae.mlops.team.state import BUCKETS, HOST, Stack
 
 __all__ = ["SERVICES", "bootstrap_users", "start_service", "stop_service"]
@@ -51,6 +59,7 @@ def _start_s3(stack: Stack) -> None:
         # what the stack does not use: WebDAV, the admin UI, the Iceberg and Lance catalogues
         args += ["-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         env = {**_clean_env(), **stack.s3_env()}
+        ensure_ports_free("the object store", HOST, stack.service_ports("s3"))
         start(stack.state, "s3", args, env, stack.path("s3"))
     wait_until(
         lambda: http_ok(f"{stack.s3_url}/healthz"), "the object store", 90, stack.state, "s3"
@@ -156,6 +165,9 @@ def _start_mlflow(stack: Stack) -> None:
         args = [_bin("mlflow"), "server", "--app-name", "basic-auth", "--host", HOST]
         args += ["--port", str(stack.ports["mlflow"]), "--workers", "1"]
         args += ["--artifacts-destination", "s3://mlflow/artifacts"]
+        ensure_ports_free("the MLflow server", HOST, stack.service_ports("mlflow"))
+        for db in ("mlflow", "mlflow_auth"):
+            check_login(stack, db, "the MLflow server")
         start(stack.state, "mlflow", args, mlflow_env(stack), stack.path("mlflow"))
     url = stack.mlflow_url
     wait_until(lambda: http_ok(f"{url}/health"), "the MLflow server", 180, stack.state, "mlflow")
@@ -181,8 +193,13 @@ def bootstrap_users(stack: Stack) -> None:
     ``default_permission`` is READ, so the reader reads everything and changes nothing; what the
     writer creates (experiments, registered models) it manages, as their creator.
     """
+    import warnings
+
     from mlflow.exceptions import MlflowException
-    from mlflow.server.auth.client import AuthServiceClient
+
+    with warnings.catch_warnings():  # the server app's Starlette deprecation, not ours
+        warnings.filterwarnings("ignore", message="starlette.middleware.wsgi is deprecated")
+        from mlflow.server.auth.client import AuthServiceClient
 
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
@@ -226,6 +243,8 @@ def _start_prefect(stack: Stack) -> None:
     if running(stack.state, "prefect") is None:
         args = [_bin("prefect"), "server", "start", "--host", HOST]
         args += ["--port", str(stack.ports["prefect"]), "--no-ui", "--analytics-off"]
+        ensure_ports_free("the Prefect server", HOST, stack.service_ports("prefect"))
+        check_login(stack, "prefect", "the Prefect server")
         start(stack.state, "prefect", args, prefect_env(stack), stack.path("prefect"))
     url = stack.prefect_url
     wait_until(lambda: http_ok(f"{url}/health"), "the Prefect server", 180, stack.state, "prefect")

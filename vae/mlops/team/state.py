@@ -15,7 +15,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["HOST", "PORTS", "ROLES", "Stack", "free_port", "load_or_create"]
+__all__ = ["HOST", "PORTS", "ROLES", "SERVICE_PORTS", "Stack", "free_port", "load_or_create"]
 
 HOST = "127.0.0.1"  # every service binds and advertises this address
 PORTS = (
@@ -33,6 +33,12 @@ PORTS = (
     "mlflow",
     "prefect",
 )
+SERVICE_PORTS = {  # the ports each service listens on
+    "postgres": ("postgres",),
+    "s3": PORTS[1:11],
+    "mlflow": ("mlflow",),
+    "prefect": ("prefect",),
+}
 ROLES = ("admin", "writer", "reader")  # MLflow users: webhooks and users; the pipeline; consumers
 BUCKETS = ("mlflow", "dvc")
 
@@ -62,6 +68,10 @@ class Stack:
     @property
     def s3_url(self) -> str:
         return f"http://{HOST}:{self.ports['s3']}"
+
+    def service_ports(self, name: str) -> list[int]:
+        """The ports service ``name`` listens on."""
+        return [self.ports[port] for port in SERVICE_PORTS[name]]
 
     def db_url(self, db: str, driver: str = "psycopg2") -> str:
         """A SQLAlchemy URL of database ``db`` as its owner (``mlflow`` or ``prefect``)."""
