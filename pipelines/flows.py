@@ -11,12 +11,15 @@ artifact (:mod:`pipelines.reports`). The flows only orchestrate.
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipelines.locking import workspace_lock
+from pipelines.locking import retrain_lock, workspace_lock
 from pipelines.reports import REPORT_KEY, report_failure, retrain_markdown
 from pipelines.tasks import (
     RETRIES,
@@ -64,7 +67,8 @@ def vae_pipeline(root: str = ".") -> dict[str, bool]:
     """The DVC pipeline, one task per stage; ``{stage: ran}`` (False = DVC found it up to date)."""
     root = str(Path(root).resolve())
     cfg = load_params(Path(root) / "params.yaml")  # a bad param fails before any work
-    with workspace_lock(root, cfg.schedule.timeout_seconds):
+    _log_code(root)
+    with _locks(root, cfg):
         return {s: _run(s, root, cfg) for s in stage_order(root)}
 
 
@@ -97,8 +101,32 @@ def vae_retrain(force: bool = False, epochs: int | None = None, root: str = ".")
     stages = stage_order(root)
     if PREPARE not in stages or REGISTER not in stages:
         raise ValueError(f"dvc.yaml must have stages {PREPARE!r} and {REGISTER!r}: {stages}")
-    with workspace_lock(root, cfg.schedule.timeout_seconds):
+    _log_code(root)
+    with _locks(root, cfg):
         return _retrain(root, cfg, stages, force, overrides)
+
+
+@contextlib.contextmanager
+def _locks(root: str, cfg: Config) -> Iterator[None]:
+    """This checkout's lock, then the model's: the same order in both flows."""
+    timeout, model = cfg.schedule.timeout_seconds, cfg.mlflow.registered_model
+    with workspace_lock(root, timeout), retrain_lock(model, timeout):
+        get_run_logger().info("holding the retraining lock of %s", model)
+        try:
+            yield
+        finally:
+            get_run_logger().info("released the retraining lock of %s", model)
+
+
+def _log_code(root: str) -> None:
+    """Which code this run is: the ``vae`` it imported, and the checkout's commit."""
+    import vae
+
+    commit = subprocess.run(
+        ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    where = Path(vae.__file__).resolve().parent
+    get_run_logger().info("vae %s from %s; %s at commit %s", vae.__version__, where, root, commit)
 
 
 def _retrain(

@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"errors"},
     "atomic": {"errors"},
     "locks": {"errors"},
+    "environment": {"errors"},
     "outputs": set(),
     "params": BASE,
     "presets": BASE | {"params"},

@@ -160,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         force=True,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to Prefect's API
     if args.command in CONSUMER_COMMANDS:
         return _consume(args)
     missing = _missing_pipeline_extra()

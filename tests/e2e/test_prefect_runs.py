@@ -242,13 +242,25 @@ def test_a_crashed_flow_leaves_an_artifact_and_no_stage_behind(
     assert (tmp_path / "logs" / "crash-me" / "stuck.log").is_file()
 
 
-def test_the_documented_failure_automation_is_accepted(prefect_server: None) -> None:
-    """docs/prefect.md's automation snippet runs as written against a Prefect server."""
+def test_the_automations_file_is_accepted_and_applied_once(prefect_server: None) -> None:
+    """pipelines/automations.yaml against a Prefect server: created, then updated by name on a
+    second ``up`` (never duplicated), the notification pointing at the saved webhook block."""
     from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
 
-    text = (REPO / "docs" / "prefect.md").read_text()
-    (snippet,) = [b.split("```")[0] for b in text.split("```python\n")[1:] if "Automation(" in b]
-    exec(compile(snippet, "docs/prefect.md", "exec"), {})
-    automation = Automation.read(name="vae flow failed")
-    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
-    assert automation.actions[0].type == "send-notification"
+    from pipelines.workpool import apply_automations, save_notify_block, saved_notify_block
+
+    assert saved_notify_block() is None
+    block = save_notify_block("http://127.0.0.1:9/hook")
+    assert saved_notify_block() == block
+    first = apply_automations(notify_block=block)
+    again = apply_automations(notify_block=block)
+    assert first == ["vae-crash-zombie-runs created", "vae-notify-failed-runs created"]
+    assert again == ["vae-crash-zombie-runs updated", "vae-notify-failed-runs updated"]
+    with get_client(sync_client=True) as client:
+        names = [a.name for a in client.read_automations()]
+    assert sorted(names) == ["vae-crash-zombie-runs", "vae-notify-failed-runs"]
+    notify = Automation.read(name="vae-notify-failed-runs")
+    assert notify.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert notify.actions[0].type == "send-notification"
+    assert notify.actions[0].block_document_id == block
