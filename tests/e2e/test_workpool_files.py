@@ -4,6 +4,7 @@ triggers, the automations file, and the build step's check that HEAD was pushed.
 from __future__ import annotations
 
 import fnmatch
+import os
 import subprocess
 import sys
 import uuid
@@ -95,3 +96,26 @@ def test_pushed_passes_on_a_pushed_head_and_names_an_unpushed_one(tmp_path: Path
     (line,) = late.stderr.strip().splitlines()
     assert line.startswith("pipelines.worker pushed: error: commit ")
     assert line.endswith("is not on origin/main: the workers clone from there; git push first")
+
+
+def test_ready_refuses_a_lock_this_environment_does_not_match_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "vae"\ndependencies = ["numpy"]\n')
+    (tmp_path / "requirements.lock").write_text("numpy==0.0.1\n")
+    cmd = [sys.executable, "-m", "pipelines.worker", "ready", "--root", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT__FLOW_RUN_ID"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        f"pipelines.worker ready: error: requirements.lock differs from the environment at "
+        f"{sys.prefix}: numpy 0.0.1 (installed "
+    )
+    assert not (tmp_path / "vae.egg-info").exists()  # nothing installed
+
+
+def test_the_worker_sends_heartbeats_and_runs_this_environment_first() -> None:
+    from pipelines.worker import HEARTBEAT_SECONDS, worker_env
+
+    env = worker_env({"PATH": "/usr/bin"})
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS) == "30"
+    assert env["PATH"] == f"{Path(sys.executable).parent}:/usr/bin"
