@@ -11,7 +11,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: pipeline test install dataset lint bench team-up team-down team-status
+.PHONY: pipeline test install dataset lint bench team-up team-down team-status spark-up spark-down
 
 pipeline: install dataset
 	dvc repro
@@ -95,6 +95,14 @@ team-down: install
 
 team-status: install
 	python -m vae.mlops.team status --state $(TEAM_STATE)
+
+# A Spark standalone cluster on 127.0.0.1 (two one-core workers): vae encode --engine spark
+# --master <the URL spark-up prints>.
+spark-up: install java
+	python -m vae.mlops.team spark-up --state $(TEAM_STATE)
+
+spark-down: install
+	python -m vae.mlops.team spark-down --state $(TEAM_STATE)
 
 lint: install
 	ruff check . && ruff format --check .

@@ -1,8 +1,9 @@
-"""``vae encode`` on one machine: the local engine against Spark ``local[1]`` and ``local[2]``.
+"""``vae encode``: the local engine against Spark local[1], local[2] and a standalone cluster.
 
     python benchmarks/encode_engines.py --model models:/vae-fashion-mnist@champion \\
         --tracking-uri sqlite:///$PWD/mlflow.db --pngs /tmp/fashion-mnist-png
     python benchmarks/encode_engines.py ... --limit 2000     # a quick check, ~2 minutes
+    python benchmarks/encode_engines.py ... --standalone     # also a 2-worker cluster
 
 First the Fashion-MNIST images (train then test, 70,000; the first ``--limit`` with it) are
 written as PNG files under ``--pngs`` (``train/00000.png``, ..., ``test/09999.png``), unless
@@ -12,6 +13,9 @@ after another:
 - ``local``: ``vae encode`` (one process, batches of 512);
 - ``spark local[1]`` and ``spark local[2]``: ``vae encode --engine spark --master local[N]``
   (the driver, its JVM, and N Python workers running the decode and model UDFs).
+- with ``--standalone``, ``spark standalone 2x1``: a standalone master and two workers of one
+  core each (``vae.mlops.team.spark``, on 127.0.0.1), started before and stopped after; its peak
+  RSS adds the master's, the workers' and their executors' trees to the driver's.
 
 Columns:
 
@@ -109,8 +113,9 @@ def _tree_rss(root: Any) -> tuple[int, int]:
     return total, count
 
 
-def run_engine(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run one ``vae encode`` child; its wall time, peak tree RSS, and the rows it logged."""
+def run_engine(cmd: list[str], env: dict[str, str], also: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Run one ``vae encode`` child; its wall time, peak tree RSS (with the trees of the pids
+    ``also``: a cluster's services), and the rows it logged."""
     import psutil
 
     peak = {"rss": 0, "procs": 0}
@@ -120,8 +125,10 @@ def run_engine(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     output: list[bytes] = []
     reader = threading.Thread(target=lambda: output.extend(child.stdout or []), daemon=True)
     reader.start()
+    others = [psutil.Process(pid) for pid in also]
     while child.poll() is None:
-        rss, count = _tree_rss(root)
+        trees = [_tree_rss(p) for p in (root, *others)]
+        rss, count = sum(t[0] for t in trees), sum(t[1] for t in trees)
         peak["rss"], peak["procs"] = max(peak["rss"], rss), max(peak["procs"], count)
         time.sleep(0.1)
     wall = time.perf_counter() - start
@@ -167,6 +174,26 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _engines(tmp: Path, standalone: bool) -> Any:
+    """(name, extra args, the pids to count besides the child's) per engine, in order; the
+    cluster runs only while its engine does."""
+    for name, extra in ENGINES:
+        yield name, extra, tuple
+    if not standalone:
+        return
+    from vae.mlops.team.procs import running
+    from vae.mlops.team.spark import load_cluster, start_cluster, stop_cluster
+
+    cluster = load_cluster(tmp / "cluster", workers=2, cores=1, memory="2g")
+    start_cluster(cluster)
+    names = ["master", "worker-0", "worker-1"]
+    try:
+        pids = tuple(pid for n in names if (pid := running(cluster.folder, n)))
+        yield "spark standalone 2x1", ["--engine", "spark", "--master", cluster.url], lambda: pids
+    finally:
+        stop_cluster(cluster)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="the model URI (models:/NAME@ALIAS, ...)")
@@ -175,23 +202,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="only the first N images (default: all 70,000)")
     p.add_argument("--dataset", type=Path, default=DATASET, help="the IDX files' folder")
     p.add_argument("--json", type=Path, help="also write the numbers here")
+    p.add_argument("--standalone", action="store_true", help="also a 2-worker Spark cluster")
     args = p.parse_args(argv)
     if not args.tracking_uri and args.model.startswith(("models:/", "runs:/")):
         p.error("--tracking-uri (or MLFLOW_TRACKING_URI) is needed for this model URI")
 
     n = write_pngs(args.dataset, args.pngs.resolve(), args.limit)
-    env = {**os.environ, "DO_NOT_TRACK": "1"}
+    env = {**os.environ, "DO_NOT_TRACK": "1", "SPARK_LOCAL_IP": "127.0.0.1"}
     if args.tracking_uri:
         env["MLFLOW_TRACKING_URI"] = args.tracking_uri
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="encode-engines-") as tmp:
         outs = []
-        for name, extra in ENGINES:
+        for name, extra, also in _engines(Path(tmp), args.standalone):
             out = Path(tmp) / name.replace(" ", "-").replace("[", "").replace("]", "")
             cmd = [sys.executable, "-m", "vae", "encode", "--model", args.model, "--no-progress",
                    *extra, str(args.pngs.resolve()), "--out", str(out)]  # fmt: skip
             print(f"{name}: {n} images ...", file=sys.stderr, flush=True)
-            rows.append({"engine": name, **run_engine(cmd, env)})
+            rows.append({"engine": name, **run_engine(cmd, env, also())})
             outs.append(out)
         for row, out in zip(rows, outs, strict=True):
             row["max_diff"] = _max_diff(outs[0], out)

@@ -48,10 +48,9 @@ def _write_pngs(folder: Path, n: int, seed: int) -> None:
     (folder / "notes.txt").write_text("not an image: the folder walk skips it\n")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """A tmp store with one tiny logged model, 40 PNGs in ``imgs/`` and one more file alone;
-    returns (root, tracking URI, model URI)."""
+def make_store(root: Path, n_images: int = 40) -> tuple[Path, str, str]:
+    """A store in ``root`` with one tiny logged model, ``n_images`` PNGs in ``imgs/`` and one
+    more file alone; returns (root, tracking URI, model URI)."""
     from mlflow.tracking import MlflowClient
 
     from vae.config import ModelConfig
@@ -59,18 +58,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     from vae.mlops.packaging import log_model
     from vae.serving.consume import _using_store
 
-    root = tmp_path_factory.mktemp("spark")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     torch.manual_seed(0)
     model = VAE(ModelConfig(**TINY_PARAMS["model"]), (1, 28, 28))
     client = MlflowClient(tracking_uri=uri)
-    run = client.create_run(client.create_experiment("spark"))
+    artifacts = (root / "mlruns").as_uri()  # in root, not the working folder's ./mlruns
+    run = client.create_run(client.create_experiment("spark", artifact_location=artifacts))
     # log_model reads MLFLOW_TRACKING_URI and sets MLflow's global URI: both restored after.
     with _using_store(uri):
         model_uri = log_model(model, run.info.run_id)
-    _write_pngs(root / "imgs", 40, seed=0)
+    _write_pngs(root / "imgs", n_images, seed=0)
     _write_pngs(root / "alone", 1, seed=1)
     return root, uri, model_uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    return make_store(tmp_path_factory.mktemp("spark"))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +192,7 @@ def test_missing_pyspark_or_java_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vae.serving.consume import ConsumerError
-    from vae.serving.spark import _require_spark
+    from vae.serving.spark_session import require_spark
 
     # The core install: `import vae.serving.spark` works, and the command says what to install.
     code = (
@@ -206,7 +210,7 @@ def test_missing_pyspark_or_java_is_one_line(
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConsumerError, match="apt-get install openjdk-17-jre-headless"):
-        _require_spark()
+        require_spark()
 
 
 def test_benchmark_writes_the_pngs_once(tmp_path: Path) -> None:

@@ -10,7 +10,9 @@ registered model, remote prefix) by a random suffix, so they share one stack.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import dvc, make_dvc_project, run, subprocess_env, write_idx_dataset
@@ -116,3 +119,30 @@ def clone(project: TeamProject, dest: Path) -> Path:
     subprocess.run(["git", "clone", "-q", str(project.root), str(dest)], check=True)
     add_s3_keys(dest, project.stack, project.env("writer"))
     return dest
+
+
+def process_tree(pids: list[int]) -> set[int]:
+    """``pids`` and every process they started, that still run."""
+    found = set()
+    for pid in pids:
+        try:
+            top = psutil.Process(pid)
+            found |= {top.pid, *(p.pid for p in top.children(recursive=True))}
+        except psutil.Error:
+            pass
+    return found
+
+
+def outside_loopback(pids: set[int]) -> list[str]:
+    """``ss -tnp`` connections of ``pids`` with an end outside 127.0.0.0/8."""
+    lines = subprocess.run(["ss", "-Htnp"], capture_output=True, text=True).stdout.splitlines()
+    bad = []
+    for line in lines:
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if not owners & pids:
+            continue
+        for end in line.split()[3:5]:
+            host = end.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:")
+            if not ipaddress.ip_address(host).is_loopback:
+                bad.append(line)
+    return bad

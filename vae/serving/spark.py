@@ -18,11 +18,8 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,32 +27,17 @@ from typing import Any
 
 from vae.config import MAX_IMAGE_PIXELS
 from vae.data.images import IMAGE_SUFFIXES, InputError, expand_inputs, is_idx
-from vae.serving.consume import ConsumerError, embedding_columns, load_model
+from vae.serving.consume import embedding_columns, load_model
+from vae.serving.spark_session import pandas3_accepted, require_spark, spark_session
 
 __all__ = ["InputPlan", "encode_with_spark", "plan_inputs", "spark_session"]
 
 log = logging.getLogger("vae")
-BATCH_ROWS = 1024  # Arrow batch = one predict call; below the model's max_rows (10,000)
-# Files are packed into tasks by bytes, each counted with this overhead. Spark's default (4 MB)
-# makes 32-image tasks of 1 KB PNGs: thousands of tasks, each loading the model again.
-OPEN_COST_BYTES = 64 * 1024
 # The folder filter: IMAGE_SUFFIXES in any case, as expand_inputs compares suffixes.
 _ANY_CASE = ["".join(f"[{c.lower()}{c.upper()}]" for c in s[1:]) for s in IMAGE_SUFFIXES]
 GLOB = "*.{" + ",".join(_ANY_CASE) + "}"  # *.{[pP][nN][gG],...}
 SPARK_OUTPUT = re.compile(r"^(part-.*|\.part-.*|_SUCCESS|\._SUCCESS\.crc|_temporary)$")
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-# Where the JVM logs a failed task with the worker's whole traceback (three times in local mode);
-# the driver's exception carries the same error. Silenced in the sessions that vae starts.
-TASK_FAILURE_LOGGERS = (
-    "org.apache.spark.executor.Executor",
-    "org.apache.spark.scheduler.TaskSetManager",
-    "org.apache.spark.util.Utils",
-    "org.apache.spark.TaskContextImpl",
-    "org.apache.spark.sql.execution.datasources.FileFormatWriter",
-    "org.apache.hadoop.mapreduce.lib.output.FileOutputCommitter",
-)
-INSTALL_SPARK = "pip install 'vae[spark]'"
-INSTALL_JAVA = "apt-get install openjdk-17-jre-headless"
 
 
 @dataclass(frozen=True)
@@ -64,15 +46,6 @@ class InputPlan:
     files: list[str]  # read as given
     roots: list[tuple[str, str]]  # (Spark's "file:/abs/path", the user's spelling of it)
     expected: int | None  # images vae encode would read; None when an input is not local
-
-
-@contextlib.contextmanager
-def _pandas3_accepted() -> Iterator[None]:
-    """pyspark 4.3 warns, making a session or a pandas UDF, that it does not fully support
-    pandas 3; tests/e2e/test_spark.py checks this engine's output against vae encode's instead."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "PySpark does not yet fully support", FutureWarning)
-        yield
 
 
 def plan_inputs(inputs: Sequence[str | Path]) -> InputPlan:
@@ -181,62 +154,6 @@ def _predict_udf(spark: Any, model_uri: str) -> Any:
         mlflow_log.removeFilter(quiet)
 
 
-def _require_spark() -> None:
-    """pyspark and Java 17+, or one line saying what to install."""
-    try:
-        import pyspark  # noqa: F401
-    except ImportError:
-        raise ConsumerError(f"--engine spark needs pyspark: {INSTALL_SPARK}") from None
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-    if not java or not Path(java).is_file():
-        raise ConsumerError(f"--engine spark needs Java 17 or later: {INSTALL_JAVA}")
-    try:  # `java -version` prints e.g. 'openjdk version "17.0.15" 2025-04-15' on stderr
-        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
-        found = re.search(r'version "(?:1\.)?(\d+)', out.stderr)
-    except (OSError, subprocess.TimeoutExpired):
-        found = None
-    if found is None or int(found.group(1)) < 17:
-        seen = found.group(1) if found else "unknown"
-        raise ConsumerError(
-            f"--engine spark needs Java 17 or later ({java} is {seen}): {INSTALL_JAVA}"
-        )
-
-
-def spark_session(master: str = "local[2]") -> tuple[Any, bool]:
-    """The active SparkSession if there is one (a notebook's, spark-submit's), else a new one on
-    ``master``; and whether the caller owns it (and should stop it)."""
-    from pyspark.sql import SparkSession
-
-    active = SparkSession.getActiveSession()
-    if active is not None:
-        return active, False
-    builder = SparkSession.builder.appName("vae-encode")
-    conf = {
-        "spark.ui.enabled": "false",
-        "spark.ui.showConsoleProgress": str(sys.stderr.isatty()).lower(),
-        "spark.sql.shuffle.partitions": "4",  # nothing shuffles; keep any accident small
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(BATCH_ROWS),
-        "spark.sql.files.openCostInBytes": str(OPEN_COST_BYTES),
-    }
-    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # not under spark-submit, whose flags decide
-        builder = builder.master(master)
-        if master.startswith("local"):  # the workers: this venv's Python, not PATH's python3
-            conf["spark.pyspark.python"] = sys.executable
-    for key, value in conf.items():
-        builder = builder.config(key, value)
-    with _pandas3_accepted():
-        spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel("WARN")
-    jvm = spark.sparkContext._jvm
-    for name in TASK_FAILURE_LOGGERS:
-        off = jvm.org.apache.logging.log4j.Level.OFF
-        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
-    logging.getLogger("py4j").setLevel(logging.WARNING)  # not "Closing down clientserver ..."
-    return spark, True
-
-
 def _check_out(out: str) -> None:
     """Overwrite only an earlier Spark output (or an empty folder), never a user's folder."""
     if URI.match(out):
@@ -314,7 +231,7 @@ def encode_with_spark(
     decode, encode, write), as ``vae encode`` times its loop: without the model load or the
     start of Spark.
     """
-    _require_spark()
+    require_spark()
     plan = plan_inputs(inputs)
     out = str(out)
     _check_out(out)
@@ -324,7 +241,7 @@ def encode_with_spark(
     try:
         from pyspark.sql import functions as F
 
-        with _pandas3_accepted():
+        with pandas3_accepted():
             # the folder load_model downloaded: one download, and the version it read
             predict = _predict_udf(spark, str(model.local))
             decode = _decode_udf(model.image_shape, max_pixels)

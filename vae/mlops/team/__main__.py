@@ -5,6 +5,10 @@
 - ``down``: stop them all, in reverse order; the state folder (data, secrets) stays.
 - ``status``: which services run, and their memory.
 - ``env ROLE``: ``export`` lines for an MLflow user (admin, writer, reader) or ``s3`` (DVC).
+- ``spark-up`` / ``spark-down``: a Spark standalone cluster, a master and ``--workers`` workers
+  of ``--cores`` cores each (:mod:`vae.mlops.team.spark`); ``vae encode --engine spark
+  --master <the URL it prints>`` scores on it. Only for the jobs that need it: it is not in
+  ``up``.
 
 The state folder is ``--state``, else ``TEAM_STATE``, else ``/tmp/vae-team``.
 """
@@ -89,6 +93,18 @@ def status(state: str | Path) -> int:
     return 1 if down_count else 0
 
 
+def spark(command: str, state: str | Path, workers: int, cores: int, memory: str) -> None:
+    from vae.mlops.team.spark import load_cluster, start_cluster, stop_cluster
+
+    cluster = load_cluster(state, workers, cores, memory)
+    if command == "spark-down":
+        print("stopped: " + (", ".join(stop_cluster(cluster)) or "nothing was running"))
+        return
+    began = time.monotonic()
+    start_cluster(cluster)
+    print(f"spark    up in {time.monotonic() - began:5.1f} s  {cluster.url} (UI {cluster.ui})")
+
+
 def _url(stack: Stack, name: str) -> str:
     return {
         "postgres": f"postgresql://127.0.0.1:{stack.ports['postgres']}",
@@ -100,9 +116,14 @@ def _url(stack: Stack, name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vae.mlops.team", description=__doc__)
-    parser.add_argument("command", choices=("up", "down", "status", "env"))
+    parser.add_argument(
+        "command", choices=("up", "down", "status", "env", "spark-up", "spark-down")
+    )
     parser.add_argument("role", nargs="?", choices=(*ROLES, "s3"))
     parser.add_argument("--state", default=os.environ.get("TEAM_STATE") or DEFAULT_STATE)
+    parser.add_argument("--workers", type=int, default=2, help="spark-up: how many workers")
+    parser.add_argument("--cores", type=int, default=1, help="spark-up: cores per worker")
+    parser.add_argument("--memory", default="2g", help="spark-up: memory per worker")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -111,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             down(args.state)
         elif args.command == "status":
             return status(args.state)
+        elif args.command.startswith("spark-"):
+            spark(args.command, args.state, args.workers, args.cores, args.memory)
         else:
             if args.role is None:
                 parser.error("env needs a role: admin, writer, reader or s3")
