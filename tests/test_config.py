@@ -58,6 +58,9 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
         ({"model": {"prior": "vamp"}, "train": {"free_bits": 0.5}}, ["model.prior", "free_bits"]),
         ({"model": {"prior": "flow"}}, ["model.prior", "'standard', 'vamp'"]),
         ({"model": {"hidden_layers": 0}}, ["model.hidden_layers", ">= 1"]),
+        ({"train": {"nnodes": 0}}, ["train.nnodes", ">= 1"]),
+        ({"train": {"rdzv_endpoint": "node0"}}, ["train.rdzv_endpoint", "HOST:PORT"]),
+        ({"train": {"rdzv_endpoint": "a b:1"}}, ["train.rdzv_endpoint", "HOST:PORT"]),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, fragments: list[str]) -> None:

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (resuming from models/checkpoint.pt when it fits)")
     _folders(p, "--data", "--models", "--metrics", "--plots")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument(
+        "--join",
+        action="store_true",
+        help="train.nnodes > 1: join the run that `vae train` leads at train.rdzv_endpoint, "
+        "writing nothing here",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("log-run", help="re-send local metrics and artifacts to MLflow")

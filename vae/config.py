@@ -136,6 +136,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
     num_threads: int = field(default=0, metadata=_range(ge=0, le=1024))
+    # Past one process (docs/gpu.md): above 1 x 1, `vae train` launches torchrun itself, with a
+    # c10d rendezvous at rdzv_endpoint (HOST:PORT of the node that runs `vae train`; every other
+    # node runs `vae train --join` in its own clone). They change how, not what, it trains.
+    nnodes: int = field(default=1, metadata=_range(ge=1, le=4096))
+    nproc_per_node: int = field(default=1, metadata=_range(ge=1, le=1024))
+    rdzv_endpoint: str = "127.0.0.1:29400"
 
 
 @dataclass(frozen=True)

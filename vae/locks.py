@@ -100,7 +100,8 @@ def workspace_writer(what: str, folder: str | Path = ".") -> Iterator[None]:
     hand or by a scheduler. An OS lock (``flock``): a killed process cannot leave it held. Under
     torchrun only rank 0 writes, so only rank 0 takes it.
     """
-    if int(os.environ.get("RANK", "0")) != 0:
+    # the processes `vae train` launches itself: it holds the lock for them (training.launch)
+    if int(os.environ.get("RANK", "0")) != 0 or "VAE_TRAIN_LAUNCHED" in os.environ:
         yield
         return
     with file_lock(Path(folder) / WRITER_LOCK, 0.0, what):

@@ -151,6 +151,11 @@ def _cross_checks(cfg: Config) -> None:
             f"train.device: {cfg.train.device!r} is not a device; expected auto, cpu, mps, "
             "cuda or cuda:N"
         )
+    if not re.match(r"^([^\s:\[\]]+|\[[0-9a-fA-F:.]+\]):\d{1,5}$", cfg.train.rdzv_endpoint):
+        raise ConfigError(
+            f"train.rdzv_endpoint: {cfg.train.rdzv_endpoint!r} is not HOST:PORT; expected e.g. "
+            "127.0.0.1:29400 or node0.example.org:29400"
+        )
     if cfg.model.likelihood == "gaussian" and cfg.data.binarize != "none":
         raise ConfigError(
             f"model.likelihood: 'gaussian' does not fit data.binarize: {cfg.data.binarize!r}; "

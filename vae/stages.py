@@ -98,14 +98,17 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data.splits import load_split
     from vae.mlops.mlflow_tracker import start_pipeline_run
     from vae.training import distributed
-    from vae.training.distributed import select_device
+    from vae.training.launch import launch, needs_launch, same_on_every_node
     from vae.training.train import train
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
+    if needs_launch(cfg, args.join):  # train.nnodes x nproc_per_node > 1: torchrun, then back
+        return launch(cfg, args)
     rank, world, ddp_device = distributed.init_from_env(cfg.train.device)
     try:
-        device = ddp_device or select_device(cfg.train.device)
+        same_on_every_node(cfg, manifest["dataset_sha256"])  # no-op in one process
+        device = ddp_device or distributed.select_device(cfg.train.device)
         tracker = None
         if rank == 0:  # only rank 0 tracks and writes
             tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)

@@ -113,6 +113,7 @@ def run_identity(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
     train = dataclasses.asdict(cfg.train)
     # Growing `epochs` continues a constant-lr run; a decaying lr is laid out over `epochs`.
     hardware = ("device", "precision", "compile", "num_threads")
+    hardware += ("nnodes", "nproc_per_node", "rdzv_endpoint")  # N processes follow 1's path
     for k in hardware if cfg.train.lr_decay > 0 else ("epochs", *hardware):
         train.pop(k)
     params = {"data": dataclasses.asdict(cfg.data), "model": dataclasses.asdict(cfg.model)}

@@ -28,7 +28,7 @@ from vae.core.model import VAE, eval_mode
 from vae.data.splits import Split, batch_to_float, float_images
 from vae.errors import PermanentError
 from vae.training.checkpoint import load_checkpoint, run_identity, save_model, why_not_resume
-from vae.training.distributed import rank_and_world
+from vae.training.distributed import from_writer, rank_and_world
 from vae.training.ema import EMA
 from vae.training.numerics import autocast_for, flush_denormals
 from vae.training.run import Run, TrainResult
@@ -165,11 +165,15 @@ def _setup(cfg: Config, train_split: Split, val_split: Split) -> Run:
 
 def _resume(run: Run, ckpt_path: Path, identity: dict[str, Any]) -> int:
     """Restore ``run`` from ``ckpt_path`` when it fits; returns the epochs it had completed."""
-    if not ckpt_path.exists():
+    # The writer's checkpoint, sent to every rank: a node of its own has none in its clone
+    ckpt = load_checkpoint(ckpt_path) if run.rank == 0 and ckpt_path.exists() else None
+    if run.world > 1:
+        ckpt = from_writer(ckpt)
+    if ckpt is None:
         return 0
-    ckpt = load_checkpoint(ckpt_path)
     if reason := why_not_resume(ckpt, identity, run.cfg.train.epochs):
-        log.warning("not resuming %s: %s; starting from scratch", ckpt_path, reason)
+        if run.rank == 0:
+            log.warning("not resuming %s: %s; starting from scratch", ckpt_path, reason)
         return 0
     run.model.load_state_dict(ckpt["model"])
     run.opt.load_state_dict(ckpt["optimizer"])
@@ -181,7 +185,8 @@ def _resume(run: Run, ckpt_path: Path, identity: dict[str, Any]) -> int:
     run.best_state = ckpt["best_model"]
     if run.ema is not None:
         run.ema.model.load_state_dict(ckpt["ema"])
-    log.info("resuming from %s at epoch %d (step %d)", ckpt_path, run.epoch, run.step)
+    if run.rank == 0:
+        log.info("resuming from %s at epoch %d (step %d)", ckpt_path, run.epoch, run.step)
     return run.epoch
 
 
