@@ -81,9 +81,13 @@ def params_digest(cfg: Config) -> str:
 
 
 def same_on_every_node(cfg: Config, dataset_sha256: str) -> None:
-    """Under torchrun: a ConfigError on every rank unless all have the writer's data and params."""
+    """Under torchrun: a ConfigError on every rank unless all have the writer's data, params and
+    training code (a node on another commit would train another model)."""
+    from vae.training.checkpoint import code_fingerprint
+
     agree("data/prepared (dataset_sha256)", dataset_sha256)
     agree("params.yaml (a hash of every param)", params_digest(cfg))
+    agree("the training code (its fingerprint)", code_fingerprint()[:12])
 
 
 def _run_id(cfg: Config) -> str:
