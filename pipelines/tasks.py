@@ -197,6 +197,10 @@ def read_versions(name: str, uri: str, versions: dict[str, str | int | None]) ->
     from vae.mlops import store
 
     client = store.client(uri)
+    # A model not registered yet has no versions; ask first: MLflow's auth app answers an alias
+    # lookup on a missing model with 403, not 404 (a first vae-retrain run on a team's server)
+    if not client.search_registered_models(filter_string=f"name = '{name}'", max_results=1):
+        return dict.fromkeys(versions)
     out: dict[str, Any] = {}
     for label, ref in versions.items():
         try:
