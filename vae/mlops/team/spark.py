@@ -24,7 +24,7 @@ from vae.mlops.team.procs import (
     stop,
     wait_until,
 )
-from vae.mlops.team.state import HOST, free_port
+from vae.mlops.team.state import HOST, free_ports
 
 __all__ = ["Cluster", "alive_workers", "load_cluster", "start_cluster", "stop_cluster"]
 
@@ -63,11 +63,7 @@ def load_cluster(
     folder.mkdir(parents=True, exist_ok=True)
     names = ["master", "master_ui"]
     names += [f"worker-{i}{suffix}" for i in range(workers) for suffix in ("", "_ui")]
-    ports: dict[str, int] = {}
-    while len(ports) < len(names):
-        port = free_port()
-        if port not in ports.values():
-            ports[names[len(ports)]] = port
+    ports = free_ports(names)
     cluster = Cluster(folder, ports, workers, cores, memory)
     body = {"ports": ports, "workers": workers, "cores": cores, "memory": memory}
     record.write_text(json.dumps(body, indent=1))

@@ -15,7 +15,16 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["HOST", "PORTS", "ROLES", "SERVICE_PORTS", "Stack", "free_port", "load_or_create"]
+__all__ = [
+    "HOST",
+    "PORTS",
+    "ROLES",
+    "SERVICE_PORTS",
+    "Stack",
+    "free_port",
+    "free_ports",
+    "load_or_create",
+]
 
 HOST = "127.0.0.1"  # every service binds and advertises this address
 PORTS = (
@@ -47,6 +56,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def free_ports(names: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """A free port for each name, all distinct: a port released may be handed out again."""
+    ports: dict[str, int] = {}
+    while len(ports) < len(names):
+        port = free_port()
+        if port not in ports.values():
+            ports[names[len(ports)]] = port
+    return ports
 
 
 @dataclass(frozen=True)
@@ -159,12 +178,7 @@ def load_or_create(state: str | Path) -> Stack:
         data = json.loads(record.read_text())
         return Stack(state, data["ports"], data["secrets"])
     state.mkdir(parents=True, exist_ok=True)
-    ports: dict[str, int] = {}
-    while len(ports) < len(PORTS):  # distinct: a port released may be handed out again
-        port = free_port()
-        if port not in ports.values():
-            ports[PORTS[len(ports)]] = port
-    stack = Stack(state, ports, _new_secrets())
+    stack = Stack(state, free_ports(PORTS), _new_secrets())
     body = {k: v for k, v in asdict(stack).items() if k != "state"}
     _write_private(record, json.dumps(body, indent=1))
     return stack
