@@ -60,7 +60,11 @@ TINY_PARAMS = {
         "n_reconstructions": 8,
         "n_interpolations": 2,
         "interpolation_steps": 5,
-        "sampler": "gmm",  # the path with a fitted mixture, the longer one
+        "sampler": "diffusion",  # the path with a fitted density, the longer one
+        "diffusion_hidden": 16,
+        "diffusion_blocks": 1,
+        "diffusion_epochs": 2,
+        "diffusion_steps": 5,
     },
     "score": {
         "n_samples": 40,

@@ -171,19 +171,35 @@ class GenerateConfig:
     n_reconstructions: int = field(default=16, metadata=_range(ge=1, le=10000))
     n_interpolations: int = field(default=8, metadata=_range(ge=1, le=1000))
     interpolation_steps: int = field(default=10, metadata=_range(ge=2, le=1000))
-    # Where new images start: the prior p(z), or a Gaussian mixture of gmm_components fitted
-    # to the training set's posterior means (the registered model samples the same one).
-    sampler: Literal["prior", "gmm"] = "prior"
+    # Where new images start (the registered model samples the same): the prior p(z), or a
+    # density fitted to the training set's posterior means after training (vae.core.sampler):
+    # a mixture of gmm_components Gaussians, or a small diffusion model. Both are fitted.
+    sampler: Literal["prior", "gmm", "diffusion"] = "diffusion"
+    # gmm and diffusion draw at this temperature (the starting noise, or each component's std,
+    # times t); below 1 trades diversity (recall) for fidelity (precision): `vae score` measures.
+    temperature: float = field(default=1.2, metadata=_range(gt=0.0, le=10.0))
     gmm_components: int = field(default=10, metadata=_range(ge=1, le=1000))
+    diffusion_hidden: int = field(default=256, metadata=_range(ge=8, le=8192))
+    diffusion_blocks: int = field(default=3, metadata=_range(ge=1, le=64))  # residual MLP blocks
+    diffusion_epochs: int = field(default=30, metadata=_range(ge=1, le=10000))
+    diffusion_lr: float = field(default=1e-3, metadata=_range(gt=0.0, le=1.0))
+    diffusion_steps: int = field(default=50, metadata=_range(ge=1, le=1000))  # DDIM steps a draw
     seed: int = field(default=0, metadata=_range(ge=0))
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    # Sample quality in the features of a small CNN classifier trained on the training split
-    # (`vae classify`): Frechet distance and precision/recall against the test images.
+    # Sample quality in the features of a small CNN classifier: Frechet distance and
+    # precision/recall against the test images. auto: on fashion_mnist, the network shipped in
+    # vae/evaluation/ (fixed, so distances compare across clones and machines); on other data,
+    # one trained by `vae classify` with the classifier_* settings (train: always that).
+    feature_net: Literal["auto", "train"] = "auto"
     n_samples: int = field(default=10000, metadata=_range(ge=10, le=1000000))  # per set
     neighbours: int = field(default=3, metadata=_range(ge=1, le=100))  # k of precision/recall
+    # The chosen sampler (generate.sampler) and the prior are also scored at these.
+    temperatures: tuple[float, ...] = field(
+        default=(0.9, 1.1, 1.2), metadata=_range(gt=0.0, le=10.0)
+    )
     classifier_epochs: int = field(default=5, metadata=_range(ge=1, le=1000))
     classifier_batch_size: int = field(default=128, metadata=_range(ge=1))
     classifier_lr: float = field(default=1e-3, metadata=_range(gt=0.0, le=10.0))

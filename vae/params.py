@@ -58,6 +58,7 @@ def _describe(tp: Any) -> str:
     return {
         int: "an integer",
         float: "a number",
+        tuple[float, ...]: "a list of numbers",
         bool: "true or false",
         str: "a string",
         type(None): "null",
@@ -89,12 +90,19 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
             return float(value)
     elif tp is str and isinstance(value, str):
         return value
+    elif origin is tuple and isinstance(value, (list, tuple)):  # tuple[T, ...]: a list of T
+        item = typing.get_args(tp)[0]
+        return tuple(_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_describe(tp)}")
 
 
 def _check_range(key: str, value: Any, meta: Any) -> None:
     bounds = {k: v for k, v in meta.items() if v is not None}
     if not bounds or value is None:
+        return
+    if isinstance(value, tuple):  # each item of a list
+        for i, v in enumerate(value):
+            _check_range(f"{key}[{i}]", v, meta)
         return
     ok = all(
         (op == "ge" and value >= b)
@@ -177,6 +185,12 @@ def _cross_checks(cfg: Config) -> None:
         raise ConfigError(
             "model.latent_layers: 2 has no per-dimension KL for train.free_bits to floor; "
             "set train.free_bits: 0.0"
+        )
+    gc = cfg.generate
+    if gc.sampler == "prior" and gc.temperature != 1.0:
+        raise ConfigError(
+            f"generate.temperature: {gc.temperature!r} applies to the gmm and diffusion "
+            "samplers, and generate.sampler is 'prior'; set it to 1.0 or pick another sampler"
         )
     for key in ("experiment", "registered_model"):
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,255}$", getattr(cfg.mlflow, key)):

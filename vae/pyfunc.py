@@ -14,7 +14,8 @@ Images are float32 (N, C*H*W) in [0, 1], the signature's input schema; with
 ``params={"uint8": True}`` they are 0..255 pixel values instead (JSON has no uint8, so this is
 how a REST client sends raw pixels). ``"logvar": True`` makes ``encode`` return
 ``[mu | logvar]``, (N, 2 * code_dim). ``generate`` draws z from the sampler the pipeline
-chose (``generate.sampler``: the prior, or a mixture fitted to the training codes). Bad input
+chose (``generate.sampler``: the prior, or a mixture or diffusion model fitted to the codes, at
+``generate.temperature``). Bad input
 raises ``MlflowException (INVALID_PARAMETER_VALUE)``, which the scoring server turns into an
 HTTP 400 with the message.
 
@@ -72,8 +73,10 @@ def save_vae_dir(model: VAE, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path / WEIGHTS))
-    if model.latent_sampler is not None:
-        save_sampler(path / SAMPLER_FILE, "gmm", model.latent_sampler)
+    if (density := model.latent_sampler) is not None:
+        save_sampler(
+            path / SAMPLER_FILE, density.kind, {density.kind: density}, density.temperature
+        )
     meta = {"model": model.cfg.__dict__, "image_shape": list(model.image_shape), "format": 1}
     (path / META).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -86,7 +89,8 @@ def load_vae_dir(path: str | Path, device: str | torch.device = "cpu") -> VAE:
     model = VAE(ModelConfig.from_saved(meta["model"]), tuple(meta["image_shape"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
     if (path / SAMPLER_FILE).is_file():  # versions logged before samplers existed have none
-        _, model.latent_sampler = load_sampler(path / SAMPLER_FILE)
+        kind, fitted = load_sampler(path / SAMPLER_FILE)
+        model.latent_sampler = fitted.get(kind)
     return model.to(device).eval()
 
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import torch
 
     from vae.core.model import VAE
-    from vae.core.sampler import GaussianMixture
+    from vae.core.sampler import LatentDensity
     from vae.mlops.mlflow_tracker import MlflowTracker
     from vae.training.run import TrainResult
 
@@ -158,8 +158,8 @@ def _load_trained(cfg: Config, args: argparse.Namespace) -> tuple[VAE, dict, tor
     return model, meta, device
 
 
-def _chosen_sampler(models: Path) -> GaussianMixture | None:
-    """The mixture ``vae generate`` fitted, if ``generate.sampler`` chose it; else the prior."""
+def _chosen_sampler(models: Path) -> LatentDensity | None:
+    """The density ``vae generate`` fitted that ``generate.sampler`` chose; None for the prior."""
     from vae.core.sampler import SAMPLER_FILE, load_sampler
 
     if not (models / SAMPLER_FILE).is_file():  # `vae register` straight after `vae train`
@@ -169,8 +169,8 @@ def _chosen_sampler(models: Path) -> GaussianMixture | None:
             models / SAMPLER_FILE,
         )
         return None
-    kind, gmm = load_sampler(models / SAMPLER_FILE)
-    return gmm if kind == "gmm" else None
+    kind, fitted = load_sampler(models / SAMPLER_FILE)
+    return fitted.get(kind)
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
@@ -224,28 +224,27 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.atomic import atomic_write_with
-    from vae.core.sampler import SAMPLER_FILE, save_sampler
+    from vae.core.sampler import SAMPLER_FILE
     from vae.data.splits import load_split
-    from vae.evaluation.generate import fit_latent_sampler, generate
+    from vae.evaluation.generate import generate
+    from vae.training.latent import fit_latent_samplers
 
     prepared = Path(args.data)
     manifest = _check_prepared(cfg, prepared)
     tracker = _stage_run(cfg, args)
     model, _, device = _load_trained(cfg, args)
-    gmm = fit_latent_sampler(
-        model, load_split(prepared / "train.pt"), cfg.data.binarize, cfg.generate
+    train, val = (load_split(prepared / f"{name}.pt") for name in ("train", "val"))
+    out = Path(args.models) / SAMPLER_FILE
+    model.latent_sampler, fit = fit_latent_samplers(
+        model, train, val, cfg.data.binarize, cfg.generate, out
     )
-    sampler = Path(args.models) / SAMPLER_FILE
-    atomic_write_with(sampler, lambda tmp: save_sampler(tmp, cfg.generate.sampler, gmm))
-    model.latent_sampler = gmm if cfg.generate.sampler == "gmm" else None
-    paths = generate(
-        model,
-        load_split(prepared / "test.pt", device),
-        cfg.generate,
-        Path(args.out),
-        class_names=manifest.get("classes"),
+    log.info(
+        "the diffusion sampler: %(active_dims)d active dimensions, noise loss %(train_loss).4f "
+        "(validation %(val_loss).4f), fitted in %(seconds).0f s",
+        fit,
     )
+    test = load_split(prepared / "test.pt", device)
+    paths = generate(model, test, cfg.generate, Path(args.out), manifest.get("classes"))
     _log(tracker, "generate", {}, _folders(args, reports=args.out))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
@@ -253,45 +252,39 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
 def cmd_classify(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
-    from vae.evaluation.score import classify, save_classifier
+    from vae.evaluation.score import FEATURE_NET_FILE, classify, describe_feature_net
     from vae.training.distributed import select_device
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
     train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
-    net, metrics = classify(train, test, cfg.score, select_device(cfg.train.device))
-    save_classifier(Path(args.models) / "classifier.pt", net, metrics)
+    out, device = Path(args.models) / FEATURE_NET_FILE, select_device(cfg.train.device)
+    try:
+        metrics = classify(train, test, cfg.score, cfg.data.dataset, out, device)
+    except ValueError as exc:  # the shipped network's file is not the one shipped
+        raise StageError(str(exc)) from None
     atomic_write_json(Path(args.metrics) / "classifier.json", metrics)
-    if net is None:
-        log.warning("no feature classifier: %s; `vae score` will skip", metrics["skipped"])
-    else:
-        log.info("feature classifier: test accuracy %.4f", metrics["test_accuracy"] or 0.0)
+    (log.warning if "skipped" in metrics else log.info)(describe_feature_net(metrics))
 
 
 def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
-    from vae.core.sampler import SAMPLER_FILE, load_sampler
     from vae.data.splits import load_split
-    from vae.evaluation.score import load_classifier, score
+    from vae.evaluation.score import FEATURE_NET_FILE, score_stage
 
     prepared, models = Path(args.data), Path(args.models)
     _check_prepared(cfg, prepared)
     tracker = _stage_run(cfg, args)
-    model, _, device = _load_trained(cfg, args)
-    net, classifier = load_classifier(models / "classifier.pt", device)
-    out = Path(args.metrics) / "quality.json"
-    if net is None:
-        result: dict = {"skipped": classifier["skipped"]}
-    else:
-        kind, gmm = load_sampler(models / SAMPLER_FILE)
-        train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
-        result = score(model, gmm, net, train, test, cfg.data.binarize, cfg.score)
-        result.update(sampler=kind, classifier_test_accuracy=classifier["test_accuracy"])
-    atomic_write_json(out, result)
+    model, _, _ = _load_trained(cfg, args)
+    if not (models / FEATURE_NET_FILE).is_file():
+        raise StageError(f"{models / FEATURE_NET_FILE}: not found; run `vae classify` first")
+    train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
+    result = score_stage(model, models, train, test, cfg.data.binarize, cfg.score)
+    atomic_write_json(Path(args.metrics) / "quality.json", result)
     _log(tracker, "score", result, _folders(args))
     for name, m in result.get("sets", {}).items():
         log.info(
-            "%-15s fid %8.2f  precision %.3f  recall %.3f",
+            "%-20s fid %8.2f  precision %.3f  recall %.3f",
             name,
             m["fid"],
             m["precision"],

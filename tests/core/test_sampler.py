@@ -47,6 +47,21 @@ def test_samples_have_the_mixture_moments_and_follow_the_seed() -> None:
     assert torch.equal(a, b)
 
 
+def test_a_mixture_at_temperature_t_scales_each_components_covariance_by_t_squared() -> None:
+    gmm = _mixture()
+    t = 0.5
+    cold = _mixture()
+    cold.scale_tril = gmm.scale_tril * t  # the closed form: Sigma_m -> t^2 Sigma_m
+    a = gmm.sample(1000, torch.Generator().manual_seed(0), temperature=t)
+    b = cold.sample(1000, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(a, b)
+    gmm.temperature = t  # the default a saved sampler carries
+    assert torch.equal(
+        gmm.sample(9, torch.Generator().manual_seed(1)),
+        cold.sample(9, torch.Generator().manual_seed(1)),
+    )
+
+
 def test_fit_recovers_separated_clusters() -> None:
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[-6.0, 0.0], [6.0, 0.0]])
@@ -62,15 +77,29 @@ def test_fit_recovers_separated_clusters() -> None:
 
 def test_sampler_file_round_trips(tmp_path: Path) -> None:
     gmm = _mixture()
-    save_sampler(tmp_path / "s.safetensors", "gmm", gmm)
+    save_sampler(tmp_path / "s.safetensors", "gmm", {"gmm": gmm}, temperature=0.7)
     kind, back = load_sampler(tmp_path / "s.safetensors")
-    assert kind == "gmm" and back is not None
+    assert kind == "gmm" and set(back) == {"gmm"} and back["gmm"].temperature == 0.7
     for name, tensor in gmm.tensors().items():
-        assert torch.equal(back.tensors()[name], tensor), name
-    save_sampler(tmp_path / "p.safetensors", "prior", None)
-    assert load_sampler(tmp_path / "p.safetensors") == ("prior", None)
-    save_sampler(tmp_path / "bad.safetensors", "gmm", None)
-    with pytest.raises(ValueError, match="holds no mixture"):
+        assert torch.equal(back["gmm"].tensors()[name], tensor), name
+    save_sampler(tmp_path / "p.safetensors", "prior", {"gmm": gmm})
+    kind, back = load_sampler(tmp_path / "p.safetensors")
+    assert kind == "prior" and back["gmm"].temperature == 1.0
+    with pytest.raises(ValueError, match="not among the fitted"):
+        save_sampler(tmp_path / "bad.safetensors", "gmm", {})
+
+
+def test_a_format_1_sampler_file_still_loads(tmp_path: Path) -> None:
+    """Before the diffusion sampler: a mixture's three tensors, unprefixed, no temperature."""
+    from safetensors.torch import save_file
+
+    gmm = _mixture()
+    old = {k: v.contiguous() for k, v in gmm.tensors().items()}
+    save_file(old, str(tmp_path / "old.safetensors"), {"kind": "gmm", "format": "1"})
+    kind, back = load_sampler(tmp_path / "old.safetensors")
+    assert kind == "gmm" and torch.equal(back["gmm"].means, gmm.means)
+    save_file({}, str(tmp_path / "bad.safetensors"), {"kind": "gmm", "format": "1"})
+    with pytest.raises(ValueError, match="holds no gmm"):
         load_sampler(tmp_path / "bad.safetensors")
 
 

@@ -28,6 +28,7 @@ from tests.conftest import (
 )
 from tests.evaluation.test_evaluate import KEYS
 from tests.evaluation.test_export import SCORE_KEYS
+from vae.evaluation.score import SHIPPED_SHA256
 from vae.imports import closure, imports_in, module_file, vae_imports
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
@@ -107,11 +108,14 @@ def test_pipeline_outputs(pipeline_repo: Path) -> None:
             assert im.size[0] > 0
     quality = json.loads((root / "metrics/quality.json").read_text())
     sets = {"real_train", "prior_mean", "prior_sample", "gmm_mean", "gmm_sample", "reconstruction"}
-    assert set(quality["sets"]) == sets and quality["sampler"] == "gmm"
+    sets |= {"diffusion_mean", "diffusion_sample"}
+    sets |= {f"{n}_mean_t{t}" for n in ("prior", "diffusion") for t in ("0.9", "1.1", "1.2")}
+    assert set(quality["sets"]) == sets and quality["sampler"] == "diffusion"
     for name, m in quality["sets"].items():
         assert m["fid"] >= 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1, name
         assert m["n"] == TINY_PARAMS["score"]["n_samples"], name
-    assert 0 <= quality["classifier_test_accuracy"] <= 1
+    assert 0 <= quality["feature_net_test_accuracy"] <= 1
+    assert quality["feature_net_sha256"] == SHIPPED_SHA256["fashion_mnist"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 

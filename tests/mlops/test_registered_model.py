@@ -88,9 +88,11 @@ def test_pyfunc_matches_eager_model(local: tuple[Path, str]) -> None:
     np.testing.assert_allclose(VAEPyfunc(torch_model).predict(images), mu, rtol=1e-5, atol=1e-6)
     gen = pyfunc.predict(flat[:1], params={"mode": "generate", "n": 7, "seed": 3})
     assert gen.shape == (7, 784)
-    # generate draws z from the mixture `vae generate` fitted (generate.sampler: gmm)
-    kind, eager.latent_sampler = load_sampler(root / "models" / SAMPLER_FILE)
-    assert kind == "gmm" and torch_model.latent_sampler is not None
+    # generate draws z from the density `vae generate` fitted (generate.sampler: diffusion)
+    kind, fitted = load_sampler(root / "models" / SAMPLER_FILE)
+    eager.latent_sampler = fitted[kind]
+    assert kind == "diffusion" and torch_model.latent_sampler is not None
+    assert torch_model.latent_sampler.kind == "diffusion"
     expected = eager.generate(7, torch.Generator().manual_seed(3)).flatten(1).numpy()
     np.testing.assert_allclose(gen, expected, rtol=1e-5, atol=1e-6)
     again = pyfunc.predict(flat[:1], params={"mode": "generate", "n": 7, "seed": 3})

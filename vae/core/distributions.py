@@ -84,9 +84,14 @@ class StandardNormal:
         return standard_normal_log_prob(z)
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        return torch.randn((n, self.dim), generator=generator, device=device)
+        """(n, D) draws from N(0, t^2 I) at temperature t."""
+        return temperature * torch.randn((n, self.dim), generator=generator, device=device)
 
 
 class VampPrior:
@@ -121,12 +126,17 @@ class VampPrior:
         return (torch.logsumexp(log_n, -1) - math.log(mean.shape[0])).to(z.dtype)
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        """(n, D): a pseudo-input uniformly at random, then z from its posterior."""
+        """(n, D): a pseudo-input uniformly at random, then z from its posterior, its standard
+        deviation times the temperature."""
         k = self.components.mean.shape[0]
         pick = torch.randint(k, (n,), generator=generator, device=device)
-        eps = torch.randn((n, self.dim), generator=generator, device=device)
+        eps = temperature * torch.randn((n, self.dim), generator=generator, device=device)
         return self.components.mean[pick] + self.components.std[pick] * eps
 
 

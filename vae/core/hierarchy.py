@@ -144,11 +144,16 @@ class HierarchicalPrior:
         return self.log_prob_layers(z).sum(-1)
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        """(n, D1 + D2): z2 from p(z2), then z1 from p(z1|z2)."""
-        z2 = self.top.sample(n, generator, device)
+        """(n, D1 + D2): z2 from p(z2), then z1 from p(z1|z2); each layer's noise times t."""
+        z2 = self.top.sample(n, generator, device, temperature)
         eps = torch.randn(z2.shape, generator=generator, device=z2.device, dtype=z2.dtype)
+        eps = temperature * eps
         return torch.cat([self.lower(z2).reparam(eps), z2], dim=-1)
 
 

@@ -43,7 +43,7 @@ from vae.core.resnet import ResNetDecoder, ResNetEncoder
 __all__ = ["VAE", "VAEOutput", "embed", "eval_mode"]
 
 if TYPE_CHECKING:
-    from vae.core.sampler import GaussianMixture
+    from vae.core.sampler import LatentDensity
 
 
 @dataclass
@@ -152,9 +152,15 @@ class VAE(nn.Module):
             self.pseudo_inputs = nn.Parameter(
                 torch.randn(cfg.pseudo_inputs, *self.image_shape) * 0.1 - 1.0
             )
-        # Where generate() draws z: None is the prior p(z); a mixture fitted to the training
+        # Where generate() draws z: None is the prior p(z); a density fitted to the training
         # codes after training (vae.core.sampler) is not a weight, so it is not in the state dict.
-        self.latent_sampler: GaussianMixture | None = None
+        self.latent_sampler: LatentDensity | None = None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "latent_sampler":  # not a submodule: its weights are not the VAE's
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def encode(self, x: torch.Tensor) -> Posterior:
         """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""

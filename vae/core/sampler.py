@@ -1,4 +1,4 @@
-"""Where new images start: z from the prior N(0, I), or from a mixture fitted to the codes.
+"""Where new images start: z from the prior p(z), or from a density fitted to the codes.
 
 A VAE's prior samples are blurry partly because the aggregate posterior q(z) = E_x q(z|x), the
 region the decoder was trained on, does not fill N(0, I): prior draws land in holes the decoder
@@ -6,8 +6,14 @@ never saw. Ex-post density estimation (Ghosh et al. 2020, "From variational to d
 autoencoders"; Pythae's ``GaussianMixtureSampler``) fits a Gaussian mixture to the posterior
 means of the training set after training and samples z from it instead.
 
-The mixture is fitted once by ``vae generate`` (scikit-learn's EM, in the pipeline extra) and
-stored as plain tensors in ``models/sampler.safetensors``; the registered model carries the
+The densities, both fitted once by ``vae generate`` to the training set's posterior means:
+
+- ``gmm``: a Gaussian mixture (scikit-learn's EM, in the pipeline extra);
+- ``diffusion``: a small diffusion model of the codes (:mod:`vae.core.diffusion`, fitted by
+  :mod:`vae.training.latent`), a far more flexible density for the same codes.
+
+Both are stored as plain tensors in ``models/sampler.safetensors``, with the kind that
+``generate.sampler`` chose and the temperature it samples at; the registered model carries the
 same file and samples it with torch alone, so loading a model never needs scikit-learn. This
 module ships inside every registered model.
 """
@@ -20,13 +26,30 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SAMPLER_FILE", "GaussianMixture", "fit_gmm", "load_sampler", "save_sampler"]
+from vae.core.diffusion import LatentDiffusion
+
+__all__ = [
+    "KINDS",
+    "SAMPLER_FILE",
+    "GaussianMixture",
+    "LatentDensity",
+    "fit_gmm",
+    "load_sampler",
+    "save_sampler",
+]
 
 SAMPLER_FILE = "sampler.safetensors"
+KINDS = ("prior", "gmm", "diffusion")
+FORMAT = 2  # 1: a mixture's three tensors, unprefixed, and no temperature
 
 
 class GaussianMixture:
-    """sum_m weights[m] N(means[m], scale_tril[m] scale_tril[m]^T) over (D,) latent vectors."""
+    """sum_m weights[m] N(means[m], scale_tril[m] scale_tril[m]^T) over (D,) latent vectors.
+
+    At temperature t a draw is mean + t L eps: each component's covariance scaled by t^2.
+    """
+
+    kind = "gmm"
 
     def __init__(
         self, weights: torch.Tensor, means: torch.Tensor, scale_tril: torch.Tensor
@@ -41,18 +64,22 @@ class GaussianMixture:
         self.weights = weights.float()  # normalised where used, so a file round-trips exactly
         self.means = means.float()
         self.scale_tril = scale_tril.float()
+        self.temperature = 1.0  # what sample() uses unless it is given one
 
     @property
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(n, D) draws: a component per draw, then mean + L eps. On ``generator``'s device."""
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, temperature: float | None = None
+    ) -> torch.Tensor:
+        """(n, D) draws: a component per draw, then mean + t L eps. On ``generator``'s device."""
         device = generator.device if generator is not None else self.means.device
-        w, mu, tril = (t.to(device) for t in (self.weights, self.means, self.scale_tril))
+        t = self.temperature if temperature is None else temperature
+        w, mu, tril = (t_.to(device) for t_ in (self.weights, self.means, self.scale_tril))
         comp = torch.multinomial(w, n, replacement=True, generator=generator)  # (n,)
         eps = torch.randn((n, self.dim, 1), generator=generator, device=device)
-        return mu[comp] + (tril[comp] @ eps).squeeze(-1)
+        return mu[comp] + t * (tril[comp] @ eps).squeeze(-1)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log sum_m w_m N(z; mu_m, Sigma_m) for z (..., D); returns (...)."""
@@ -66,6 +93,9 @@ class GaussianMixture:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"weights": self.weights, "means": self.means, "scale_tril": self.scale_tril}
+
+
+LatentDensity = GaussianMixture | LatentDiffusion
 
 
 def fit_gmm(z: torch.Tensor, n_components: int, seed: int) -> GaussianMixture:
@@ -86,25 +116,52 @@ def fit_gmm(z: torch.Tensor, n_components: int, seed: int) -> GaussianMixture:
     )
 
 
-def save_sampler(path: str | Path, kind: str, gmm: GaussianMixture | None) -> None:
-    """Write the chosen ``kind`` (prior | gmm) and the fitted mixture, if any, as safetensors."""
+def save_sampler(
+    path: str | Path, kind: str, fitted: dict[str, LatentDensity], temperature: float = 1.0
+) -> None:
+    """Write the chosen ``kind``, its temperature and every ``fitted`` density (by kind)."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.contiguous() for k, v in gmm.tensors().items()} if gmm else {}
-    save_file(tensors, str(path), metadata={"kind": kind, "format": json.dumps(1)})
+    if kind != "prior" and kind not in fitted:
+        raise ValueError(f"save_sampler: the chosen sampler {kind!r} is not among the fitted")
+    tensors, meta = (
+        {},
+        {"kind": kind, "format": json.dumps(FORMAT), "temperature": repr(temperature)},
+    )
+    for name, density in fitted.items():
+        state = density.tensors() if name == "gmm" else density.state_dict()
+        tensors |= {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+        if name == "diffusion":
+            meta["diffusion"] = json.dumps(density.settings())
+    save_file(tensors, str(path), metadata=meta)
 
 
-def load_sampler(path: str | Path) -> tuple[str, GaussianMixture | None]:
-    """``(kind, mixture or None)`` from :func:`save_sampler`'s file."""
+def load_sampler(path: str | Path) -> tuple[str, dict[str, LatentDensity]]:
+    """``(kind, {kind: density})`` from :func:`save_sampler`'s file (format 1 files too); every
+    density samples at the file's temperature."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        kind = (f.metadata() or {}).get("kind", "prior")
-        keys = set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
-    if kind not in ("prior", "gmm"):
-        raise ValueError(f"{path}: unknown sampler kind {kind!r}; expected prior or gmm")
-    gmm = GaussianMixture(**tensors) if {"weights", "means", "scale_tril"} <= keys else None
-    if kind == "gmm" and gmm is None:
-        raise ValueError(f"{path}: the sampler is 'gmm' but the file holds no mixture")
-    return kind, gmm
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    kind = meta.get("kind", "prior")
+    if kind not in KINDS:
+        raise ValueError(f"{path}: unknown sampler kind {kind!r}; expected one of {KINDS}")
+    if json.loads(meta.get("format", "1")) == 1:  # a mixture's tensors, unprefixed
+        tensors = {f"gmm.{k}": v for k, v in tensors.items()}
+    fitted: dict[str, LatentDensity] = {}
+    part = {
+        n: {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{n}.")}
+        for n in ("gmm", "diffusion")
+    }
+    if {"weights", "means", "scale_tril"} <= part["gmm"].keys():
+        fitted["gmm"] = GaussianMixture(**part["gmm"])
+    if "diffusion" in meta:
+        diffusion = LatentDiffusion(**json.loads(meta["diffusion"]))
+        diffusion.load_state_dict(part["diffusion"], strict=True)
+        fitted["diffusion"] = diffusion.eval()
+    if kind != "prior" and kind not in fitted:
+        raise ValueError(f"{path}: the sampler is {kind!r} but the file holds no {kind}")
+    for density in fitted.values():
+        density.temperature = float(meta.get("temperature", "1.0"))
+    return kind, fitted

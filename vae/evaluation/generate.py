@@ -17,11 +17,9 @@ import torch
 from vae.atomic import atomic_write_with
 from vae.config import GenerateConfig
 from vae.core.model import VAE, embed, eval_mode
-from vae.core.sampler import GaussianMixture, fit_gmm
-from vae.data.splits import Split, batch_to_float, float_images
+from vae.data.splits import Split, batch_to_float
 
 __all__ = [
-    "fit_latent_sampler",
     "generate",
     "interleave_rows",
     "interpolate",
@@ -194,18 +192,6 @@ def generate(
         coords, axes = latent_coords(mu)
         _write_scatter(paths["latent_2d"], coords, test.labels, axes, class_names)
     return {name: str(p) for name, p in paths.items()}
-
-
-def fit_latent_sampler(
-    model: VAE, train: Split, binarize: str, cfg: GenerateConfig, batch_size: int = 1000
-) -> GaussianMixture:
-    """The mixture of ``cfg.gmm_components`` Gaussians fitted to the training posterior means.
-
-    The training images are ``float_images(train, binarize, cfg.seed)``: for dynamic binarization,
-    one fixed draw.
-    """
-    mu, _ = embed(model, float_images(train, binarize, cfg.seed), batch_size)  # (N, D) on the CPU
-    return fit_gmm(mu, cfg.gmm_components, cfg.seed)
 
 
 def _choose(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
