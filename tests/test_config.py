@@ -61,6 +61,13 @@ def test_yaml12_floats_are_numbers(tmp_path: Path) -> None:
         ({"train": {"nnodes": 0}}, ["train.nnodes", ">= 1"]),
         ({"train": {"rdzv_endpoint": "node0"}}, ["train.rdzv_endpoint", "HOST:PORT"]),
         ({"train": {"rdzv_endpoint": "a b:1"}}, ["train.rdzv_endpoint", "HOST:PORT"]),
+        ({"generate": {"sampler": "prior"}}, ["generate.temperature", "1.2", "'prior'"]),
+        ({"generate": {"temperature": 0}}, ["generate.temperature", "> 0"]),
+        ({"generate": {"sampler": "flow"}}, ["generate.sampler", "'gmm', 'diffusion'"]),
+        ({"score": {"temperatures": 0.9}}, ["score.temperatures", "a list of numbers"]),
+        ({"score": {"temperatures": [0.9, -1]}}, ["score.temperatures[1]", "> 0"]),
+        ({"score": {"temperatures": [0.9, "hot"]}}, ["score.temperatures[1]", "a number"]),
+        ({"score": {"feature_net": "inception"}}, ["score.feature_net", "'auto', 'train'"]),
     ],
 )
 def test_bad_params_name_the_key(raw: dict, fragments: list[str]) -> None:

@@ -41,7 +41,7 @@ def test_classify_then_score_write_their_metrics(project: Path) -> None:
     q = json.loads(Path("metrics/quality.json").read_text())
     assert set(q["sets"]) == SETS
     assert q["sampler"] == "diffusion" and q["reference"] == "grey test images"
-    assert q["feature_net_sha256"] == classifier["sha256"]
+    assert q["feature_net_sha256"] == classifier["sha256"] and q["feature_net"] == "shipped"
     for name, m in q["sets"].items():
         assert m["n"] == TINY_PARAMS["score"]["n_samples"], name
         assert m["fid"] >= 0.0 and 0.0 <= m["precision"] <= 1.0 and 0.0 <= m["recall"] <= 1.0

@@ -235,10 +235,13 @@ def score_stage(
         return {"skipped": info["skipped"]}
     kind, fitted = load_sampler(models / SAMPLER_FILE)
     result = score(model, fitted, kind, net, train, test, binarize, cfg)
+    sha = file_sha256(models / FEATURE_NET_FILE)
     return result | {
         "sampler": kind,
         "temperature": fitted[kind].temperature if kind in fitted else 1.0,
-        "feature_net_sha256": file_sha256(models / FEATURE_NET_FILE),
+        # trained: the distances compare only with scores taken in this same network
+        "feature_net": "shipped" if sha in SHIPPED_SHA256.values() else "trained",
+        "feature_net_sha256": sha,
         "feature_net_test_accuracy": info.get("test_accuracy"),
     }
 

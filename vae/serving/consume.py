@@ -223,7 +223,8 @@ def _save_png(grid: np.ndarray, out: Path) -> None:
 def sample_grid(
     model: LoadedModel, n: int, out: Path, seed: int = 0, sample: bool = False
 ) -> np.ndarray:
-    """``n`` images from the prior (decoder means, or samples with ``sample``) as a PNG grid."""
+    """``n`` new images (decoder means, or samples with ``sample``) as a PNG grid: z from the
+    sampler the model was registered with (``generate.sampler``, at its temperature)."""
     d = math.prod(model.image_shape)
     x = model.predict(np.zeros((1, d), np.float32), mode="generate", n=n, seed=seed, sample=sample)
     images = x.reshape(n, *model.image_shape)

@@ -71,7 +71,9 @@ def add_consumer_parsers(sub: argparse._SubParsersAction) -> None:
     _max_pixels(p)
     p.set_defaults(func=_encode)
 
-    p = sub.add_parser("sample", help="generate images from the prior as a PNG grid")
+    p = sub.add_parser(
+        "sample", help="new images from the model's registered sampler, as a PNG grid"
+    )
     _common(p)
     p.add_argument("-n", type=_count, default=64, help="how many images (default 64)")
     p.add_argument("--out", required=True, type=Path, help="the PNG file")
