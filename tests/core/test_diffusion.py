@@ -127,6 +127,26 @@ def test_diffusion_round_trips_through_the_sampler_file(tmp_path: Path) -> None:
     assert torch.equal(back.sample(6, g()), model.sample(6, g()))
 
 
+def test_equal_samplers_write_equal_bytes(tmp_path: Path) -> None:
+    """The file's sha256 names the sampler: the metadata must not come out in a random order
+    (safetensors writes several entries as its hash map lists them), nor in another process."""
+    model = _model()
+    fitted = {"diffusion": model}
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for path in paths[:2]:
+        save_sampler(path, "diffusion", fitted, temperature=1.2)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    code = (
+        "import sys, torch; from vae.core.diffusion import LatentDiffusion;"
+        "from vae.core.sampler import save_sampler;"
+        f"m = LatentDiffusion(**{model.settings()!r});"
+        f"m.load_state_dict(torch.load({str(tmp_path / 'state.pt')!r}));"
+        f"save_sampler({str(paths[2])!r}, 'diffusion', {{'diffusion': m}}, temperature=1.2)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+
+
 def test_a_saved_model_generates_from_its_diffusion_sampler_with_torch_alone(
     tmp_path: Path,
 ) -> None:

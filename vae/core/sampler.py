@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -124,16 +125,16 @@ def save_sampler(
 
     if kind != "prior" and kind not in fitted:
         raise ValueError(f"save_sampler: the chosen sampler {kind!r} is not among the fitted")
-    tensors, meta = (
-        {},
-        {"kind": kind, "format": json.dumps(FORMAT), "temperature": repr(temperature)},
-    )
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, object] = {"kind": kind, "format": FORMAT, "temperature": temperature}
     for name, density in fitted.items():
         state = density.tensors() if name == "gmm" else density.state_dict()
         tensors |= {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
         if name == "diffusion":
-            meta["diffusion"] = json.dumps(density.settings())
-    save_file(tensors, str(path), metadata=meta)
+            meta["diffusion"] = density.settings()
+    # one metadata entry: safetensors writes several in a random order, so equal samplers
+    # would give files with other bytes (and another sha256)
+    save_file(tensors, str(path), metadata={"vae": json.dumps(meta, sort_keys=True)})
 
 
 def load_sampler(path: str | Path) -> tuple[str, dict[str, LatentDensity]]:
@@ -142,12 +143,12 @@ def load_sampler(path: str | Path) -> tuple[str, dict[str, LatentDensity]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = _metadata(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     kind = meta.get("kind", "prior")
     if kind not in KINDS:
         raise ValueError(f"{path}: unknown sampler kind {kind!r}; expected one of {KINDS}")
-    if json.loads(meta.get("format", "1")) == 1:  # a mixture's tensors, unprefixed
+    if meta["format"] == 1:  # a mixture's tensors, unprefixed
         tensors = {f"gmm.{k}": v for k, v in tensors.items()}
     fitted: dict[str, LatentDensity] = {}
     part = {
@@ -157,11 +158,18 @@ def load_sampler(path: str | Path) -> tuple[str, dict[str, LatentDensity]]:
     if {"weights", "means", "scale_tril"} <= part["gmm"].keys():
         fitted["gmm"] = GaussianMixture(**part["gmm"])
     if "diffusion" in meta:
-        diffusion = LatentDiffusion(**json.loads(meta["diffusion"]))
+        diffusion = LatentDiffusion(**meta["diffusion"])
         diffusion.load_state_dict(part["diffusion"], strict=True)
         fitted["diffusion"] = diffusion.eval()
     if kind != "prior" and kind not in fitted:
         raise ValueError(f"{path}: the sampler is {kind!r} but the file holds no {kind}")
     for density in fitted.values():
-        density.temperature = float(meta.get("temperature", "1.0"))
+        density.temperature = float(meta.get("temperature", 1.0))
     return kind, fitted
+
+
+def _metadata(raw: dict[str, str]) -> dict[str, Any]:
+    """The file's metadata as one dict: format 2's one JSON entry, or format 1's strings."""
+    if "vae" in raw:
+        return json.loads(raw["vae"])
+    return {"kind": raw.get("kind", "prior"), "format": json.loads(raw.get("format", "1"))}
