@@ -55,3 +55,14 @@ def test_throughput_and_profile_scripts_run(project: Path) -> None:
     proc = _run([str(profile), "--params", "params.yaml", "--data", str(data)], project)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::addmm" in proc.stdout and "of CPU self time = GEMM" in proc.stdout
+
+
+def test_sampler_spread_script_runs(project: Path) -> None:
+    for stage in ("prepare", "train", "generate"):
+        assert main(["-q", stage]) == 0, stage
+    script = ROOT / "benchmarks" / "sampler_spread.py"
+    proc = _run([str(script), ".", "--temperatures", "1", "1.2", "-n", "200"], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("codes: ") and "active dimensions" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["t = 1", "t = 1.2"]
