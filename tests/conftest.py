@@ -73,6 +73,7 @@ TINY_PARAMS = {
         "classifier_batch_size": 128,
         "classifier_lr": 0.001,
         "classifier_features": 16,
+        "feature_net": "auto",
         "seed": 0,
     },
     "mlflow": {
