@@ -38,15 +38,10 @@ def main() -> None:
     d = fitted["diffusion"]
     train = load_split(root / "data" / "prepared" / "train.pt")
     z = latent_codes(model, train, params.data.binarize, params.generate.seed)
-    a = d.active
-
-    def standardized(codes: torch.Tensor) -> torch.Tensor:
-        return (codes[:, a] - d.loc[a]) / d.scale[a]
-
-    codes = standardized(z)
-    print(f"codes: {a.numel()} active dimensions, mean norm {codes.norm(dim=1).mean():.2f}")
+    codes = d.standardized(z)  # the active dimensions, as the diffusion model sees them
+    print(f"codes: {d.active.numel()} active dimensions, mean norm {codes.norm(dim=1).mean():.2f}")
     for t in args.temperatures:
-        x = standardized(d.sample(args.n, torch.Generator().manual_seed(0), t))
+        x = d.standardized(d.sample(args.n, torch.Generator().manual_seed(0), t))
         ratio = (x.std(0) / codes.std(0)).mean()
         edge = ((x <= d.low + 1e-4) | (x >= d.high - 1e-4)).float().mean()
         print(

@@ -187,6 +187,19 @@ def make_dvc_project(root: Path, source: Path, **sections: dict[str, Any]) -> Pa
     return root
 
 
+def assert_generates_without_sklearn(model_dir: Path, check: str = "") -> None:
+    """A consumer's process loads the saved model dir, generates from it, and never imports
+    scikit-learn (the mixture's fit needs it; sampling must not); ``check`` is more Python run
+    there, with the loaded model as ``m``."""
+    code = (
+        "import sys; from vae.pyfunc import load_vae_dir; import torch\n"
+        f"m = load_vae_dir({str(model_dir)!r}); m.generate(3, torch.Generator())\n"
+        f"{check}\n"
+        "assert 'sklearn' not in sys.modules, 'sklearn was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
 def process_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie counts as dead (an orphan killed in a container may
     linger as one when PID 1 does not reap it)."""

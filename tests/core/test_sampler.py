@@ -3,15 +3,13 @@ the saved model without scikit-learn."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import distributions as D
 
-from tests.conftest import REPO, tiny_vae
+from tests.conftest import assert_generates_without_sklearn, tiny_vae
 from vae.core.sampler import GaussianMixture, fit_gmm, load_sampler, save_sampler
 from vae.pyfunc import VAEPyfunc, load_vae_dir, save_vae_dir
 
@@ -116,10 +114,4 @@ def test_a_saved_model_generates_from_its_mixture_without_sklearn(tmp_path: Path
     out = VAEPyfunc(loaded).predict(None, {"mode": "generate", "n": 4, "seed": 0})
     torch.testing.assert_close(torch.from_numpy(out), mixed.flatten(1))
     # a consumer's process: loading the model and sampling it imports no scikit-learn
-    code = (
-        "import sys; from vae.pyfunc import load_vae_dir; import torch\n"
-        f"m = load_vae_dir({str(tmp_path / 'm')!r}); m.generate(3, torch.Generator())\n"
-        "assert m.latent_sampler is not None\n"
-        "assert 'sklearn' not in sys.modules, 'sklearn was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    assert_generates_without_sklearn(tmp_path / "m", "assert m.latent_sampler is not None")

@@ -119,19 +119,25 @@ def classify(
         if net is None:
             raise ValueError(f"{shipped}: holds no feature network")
         atomic_write_with(out, lambda tmp: shutil.copyfile(shipped, tmp))
+        test_accuracy = _test_accuracy(net, test)  # on this test split, not the one it records
     elif why := _unlabelled(train):
         save_feature_net(out, None, {"skipped": why})
         return {"skipped": why}
     else:
         net, info = _train(train, test, cfg, dataset, device)
         save_feature_net(out, net, info)
-    labelled = _unlabelled(test) is None
+        test_accuracy = info["test_accuracy"]
     return {
         "feature_net": "trained" if shipped is None else "shipped",
         "sha256": file_sha256(out),
-        "test_accuracy": accuracy(net, test.images, test.labels) if labelled else None,
+        "test_accuracy": test_accuracy,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _test_accuracy(net: FeatureNet, test: Split) -> float | None:
+    """The network's accuracy on ``test``; None when the split has no labels."""
+    return accuracy(net, test.images, test.labels) if _unlabelled(test) is None else None
 
 
 def describe_feature_net(metrics: dict[str, Any]) -> str:
@@ -159,12 +165,11 @@ def _train(
         seed=cfg.seed,
     )
     net = train_classifier(train.images, train.labels, settings, device)
-    labelled = _unlabelled(test) is None
     return net, {
         "dataset": dataset,
         "train_images": int(train.images.shape[0]),
         "settings": settings.__dict__,
-        "test_accuracy": accuracy(net, test.images, test.labels) if labelled else None,
+        "test_accuracy": _test_accuracy(net, test),
         "torch": torch.__version__,
     }
 
