@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 pipeline: install dataset
 	dvc repro
 
-test: install java postgres
+test: install java postgres browser
 	ruff check . && ruff format --check .
 	python -m pytest --durations=25
 
@@ -53,7 +53,7 @@ dataset: install
 # Spark (vae encode --engine spark, tests/e2e/test_spark.py) needs Java 17 or later. Like `dataset`,
 # install Debian's JRE when apt can (as root or with password-less sudo); otherwise say what to do.
 # (The mkdir: slim Debian images lack man1, and the JRE's postinst fails without it.)
-.PHONY: java postgres
+.PHONY: java postgres browser
 JAVA := $${JAVA_HOME:+$$JAVA_HOME/bin/}java
 JRE := openjdk-17-jre-headless
 java:
@@ -85,6 +85,19 @@ postgres:
 		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PG); \
 	else \
 		echo "The team tests need PostgreSQL 15: apt-get install $(PG)"; exit 1; \
+	fi
+
+# The browser test (tests/e2e/test_browser.py) drives Debian's Chromium through its ChromeDriver,
+# so nothing is downloaded at test time. Like postgres, install them when apt can.
+BROWSER := chromium chromium-driver
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER); \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(BROWSER); \
+	else \
+		echo "The browser test needs Chromium and its driver: apt-get install $(BROWSER)"; \
 	fi
 
 team-up: install postgres

@@ -20,7 +20,14 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from pipelines.locking import retrain_lock, workspace_lock
-from pipelines.reports import REPORT_KEY, report_failure, retrain_markdown
+from pipelines.reports import (
+    REPORT_KEY,
+    SAMPLES_KEY,
+    TABLE_KEY,
+    metrics_table,
+    report_failure,
+    retrain_markdown,
+)
 from pipelines.tasks import (
     RETRIES,
     StageFailed,
@@ -187,7 +194,12 @@ def _outcome(
     ``champion`` is the champion the challenger was measured against (or the current one when
     nothing was registered); the one in office afterwards is ``champion_version``.
     """
-    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+    from prefect.artifacts import (
+        create_image_artifact,
+        create_link_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
 
     now = challenger if status == "promoted" else champion
     result = {
@@ -203,6 +215,12 @@ def _outcome(
     markdown = retrain_markdown(result, champion, challenger, links)
     description = "vae-retrain: champion vs challenger and the promotion decision"
     create_markdown_artifact(markdown, key=REPORT_KEY, description=description)
+    table = metrics_table(champion, challenger)
+    create_table_artifact(table, key=TABLE_KEY, description="test metrics: champion, challenger")
+    if links and links["samples"].startswith(("http://", "https://")):
+        create_image_artifact(
+            links["samples"], key=SAMPLES_KEY, description="the challenger's sample grid"
+        )
     if links:
         create_link_artifact(
             links["run"],

@@ -1,7 +1,9 @@
 """What the flows leave in Prefect: the retraining report, and a note on every failure or crash.
 
 ``vae-retrain-report`` (markdown) gives the decision, links to the MLflow run and its sample
-grid, and champion vs challenger test metrics. ``vae-flow-failure`` (markdown) is written by the
+grid, and champion vs challenger test metrics; ``vae-retrain-metrics`` is that comparison as a
+table artifact (:func:`metrics_table`), and with a tracking server ``vae-retrain-samples`` shows
+the sample grid itself, by its MLflow URL. ``vae-flow-failure`` (markdown) is written by the
 ``on_failure`` and ``on_crashed`` hooks of both flows: what failed, the error, and where the
 logs are (the Prefect UI, ``prefect flow-run logs``, and each stage's log file).
 """
@@ -16,6 +18,7 @@ __all__ = [
     "FAILURE_KEY",
     "REPORT_KEY",
     "failure_markdown",
+    "metrics_table",
     "mlflow_links",
     "report_failure",
     "retrain_markdown",
@@ -23,6 +26,8 @@ __all__ = [
 ]
 
 REPORT_KEY = "vae-retrain-report"
+TABLE_KEY = "vae-retrain-metrics"
+SAMPLES_KEY = "vae-retrain-samples"
 FAILURE_KEY = "vae-flow-failure"
 METRICS = ("nll_iw", "elbo", "recon", "kl", "elbo_gap", "bits_per_dim", "active_units")
 TITLES = {
@@ -72,6 +77,19 @@ def _cell(mv: dict[str, Any] | None, metric: str) -> str:
         return str(value)
 
 
+def metrics_table(
+    champion: dict[str, Any] | None, challenger: dict[str, Any] | None
+) -> list[dict[str, str]]:
+    """One row per test metric: its champion and challenger values (``-`` where there is none),
+    each column named by its version."""
+    cols = [("champion", champion), ("challenger", challenger)]
+    names = [f"{label} v{mv['version']}" if mv else label for label, mv in cols]
+    return [
+        {"metric": metric, **{n: _cell(mv, metric) for n, (_, mv) in zip(names, cols, strict=True)}}
+        for metric in METRICS
+    ]
+
+
 def retrain_markdown(
     result: dict[str, Any],
     champion: dict[str, Any] | None,
@@ -97,11 +115,10 @@ def retrain_markdown(
             f"Sample grid: [generate/samples.png]({links['samples']}).",
             "",
         ]
-    cols = [("champion", champion), ("challenger", challenger)]
-    header = " | ".join(f"{label} v{mv['version']}" if mv else label for label, mv in cols)
+    rows = metrics_table(champion, challenger)
+    header = " | ".join(list(rows[0])[1:])
     lines += [f"| metric (test) | {header} |", "| --- | ---: | ---: |"]
-    for metric in METRICS:
-        lines.append(f"| {metric} | {' | '.join(_cell(mv, metric) for _, mv in cols)} |")
+    lines += [f"| {' | '.join(row.values())} |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -81,6 +81,7 @@ TINY_PARAMS = {
         "experiment": "tiny",
         "registered_model": "tiny-vae",
         "register_experiments": False,
+        "image_every": 1,
     },
     "schedule": {"cron": "0 3 * * 1", "timezone": "UTC"},
 }

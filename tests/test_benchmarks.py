@@ -66,3 +66,12 @@ def test_sampler_spread_script_runs(project: Path) -> None:
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("codes: ") and "active dimensions" in lines[0]
     assert [line.split(":")[0] for line in lines[1:]] == ["t = 1", "t = 1.2"]
+
+
+def test_epoch_images_script_runs(project: Path) -> None:
+    assert main(["-q", "prepare"]) == 0
+    proc = _run([str(ROOT / "benchmarks" / "epoch_images.py"), "--epochs", "2"], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
+    assert report["epochs"] == 2 and report["failures"] == 0
+    assert report["loop_seconds_per_pair"] > 0 and report["upload_seconds_per_pair"] > 0

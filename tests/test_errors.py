@@ -67,7 +67,7 @@ def test_the_codes_of_known_errors() -> None:
     from vae.config import ConfigError
     from vae.data.splits import DataError, DataUnavailable
     from vae.locks import LockTimeout
-    from vae.mlops.mlflow_tracker import RunNotFound
+    from vae.mlops.pipeline_run import RunNotFound
     from vae.mlops.store import TrackingUnavailable
 
     assert exit_code(ConfigError("k")) == EXIT_USAGE

@@ -39,7 +39,9 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"atomic"},
     "training": BASE | {"atomic", "imports", "core", "data"},
     "evaluation": BASE | {"atomic", "core", "data"},
-    "mlops": BASE | {"atomic", "locks", "imports", "pyfunc", "core", "data", "evaluation"},
+    "mlops": BASE
+    | {"atomic", "locks", "imports", "outputs", "pyfunc", "core", "data"}
+    | {"evaluation"},
     "serving": BASE | {"atomic", "locks", "pyfunc", "core", "data", "mlops"},
     "stages": BASE
     | {"atomic", "locks", "outputs", "core", "data", "training", "evaluation"}

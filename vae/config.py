@@ -216,6 +216,10 @@ class MlflowConfig:
     # A DVC experiment (`dvc exp run`, queued or --temp) logs its run and model but registers
     # no model version unless this is true; `dvc repro` always registers.
     register_experiments: bool = False
+    # Every this many epochs, and at the last, training logs two small image grids with the
+    # epoch as their step (the MLflow UI's slider): decoder means of fixed prior draws, and
+    # reconstructions of fixed validation images. 0 = none.
+    image_every: int = field(default=5, metadata=_range(ge=0, le=100000))
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,14 @@ REGISTRY_RECORD = METRICS / "registry.json"  # the last registration's decision
 class StageRecord:
     """What one stage logs: the metrics file it writes in ``metrics/`` (None: it logs no
     metrics), the keys of that file it logs (None: all of them), and its artifacts, each a
-    folder name (``metrics``, ``plots``, ``reports``, ``models``) and a glob inside it."""
+    folder name (``metrics``, ``plots``, ``reports``, ``models``) and a glob inside it, and the
+    split its metrics measure (``dataset``): they are logged against the run's logged model and
+    that split's dataset input, so MLflow's Models tab shows them."""
 
     metrics: str | None
     artifacts: tuple[tuple[str, str], ...]
     keys: tuple[str, ...] | None = None
+    dataset: str | None = None
 
     def logged_metrics(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """The part of the stage's metrics dict that goes to MLflow."""
@@ -63,11 +66,11 @@ class StageRecord:
 
 
 STAGE_RECORDS: dict[str, StageRecord] = {
-    "train": StageRecord("train.json", (("plots", "train.csv"),)),
-    "evaluate": StageRecord("eval.json", (("metrics", "eval.json"),)),
-    "export": StageRecord("downstream.json", (("metrics", "downstream.json"),)),
+    "train": StageRecord("train.json", (("plots", "train.csv"),), dataset="val"),
+    "evaluate": StageRecord("eval.json", (("metrics", "eval.json"),), dataset="test"),
+    "export": StageRecord("downstream.json", (("metrics", "downstream.json"),), dataset="test"),
     "generate": StageRecord(None, (("reports", "*.png"), ("models", "sampler.safetensors"))),
-    "score": StageRecord("quality.json", (("metrics", "quality.json"),)),
+    "score": StageRecord("quality.json", (("metrics", "quality.json"),), dataset="test"),
     "register": StageRecord(
         "registry.json", (("metrics", "registry.json"),), keys=("version", "promoted")
     ),

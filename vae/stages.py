@@ -51,7 +51,7 @@ def _stage_run(cfg: Config, args: argparse.Namespace) -> MlflowTracker | None:
     """The run ``vae train`` started, opened before the stage does any work."""
     if not cfg.mlflow.enabled:
         return None
-    from vae.mlops.mlflow_tracker import tracker_from_run_file
+    from vae.mlops.pipeline_run import tracker_from_run_file
 
     return tracker_from_run_file(Path(args.models) / RUN_FILE)
 
@@ -60,14 +60,6 @@ def _folders(args: argparse.Namespace, **override: str) -> dict[str, Path]:
     """The command's output folders, by the names :data:`STAGE_RECORDS` uses."""
     default = {"metrics": METRICS, "plots": PLOTS, "reports": REPORTS, "models": MODELS}
     return {k: Path(override.get(k) or getattr(args, k, None) or v) for k, v in default.items()}
-
-
-def _log(tracker: MlflowTracker | None, stage: str, record: dict, folders: dict[str, Path]) -> None:
-    """Log the stage's record into the pipeline's run, as :data:`STAGE_RECORDS` says."""
-    from vae.mlops.mlflow_tracker import log_stage
-
-    spec = STAGE_RECORDS[stage]
-    log_stage(tracker, stage, spec.logged_metrics(record), spec.artifact_paths(folders))
 
 
 def cmd_ingest(cfg: Config, args: argparse.Namespace) -> None:
@@ -96,7 +88,7 @@ def cmd_prepare(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
     from vae.data.splits import load_split
-    from vae.mlops.mlflow_tracker import start_pipeline_run
+    from vae.mlops.pipeline_run import start_pipeline_run
     from vae.training import distributed
     from vae.training.launch import launch, needs_launch, same_on_every_node
     from vae.training.train import train
@@ -111,7 +103,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
         device = ddp_device or distributed.select_device(cfg.train.device)
         tracker = None
         if rank == 0:  # only rank 0 tracks and writes
-            tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+            tracker = start_pipeline_run(
+                cfg, Path(args.models) / RUN_FILE, manifest, device, prepared
+            )
             log.info("training on %s%s", device, f" x {world} processes" if world > 1 else "")
         result = train(
             cfg,
@@ -123,21 +117,21 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> None:
             dataset_sha256=manifest["dataset_sha256"],
         )
         if rank == 0:
-            _write_training_outputs(result, args, tracker)
+            _write_training_outputs(cfg, result, args, tracker)
     finally:
         distributed.shutdown()
 
 
 def _write_training_outputs(
-    result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
+    cfg: Config, result: TrainResult, args: argparse.Namespace, tracker: MlflowTracker | None
 ) -> None:
     from vae.atomic import atomic_write_csv, atomic_write_json
+    from vae.mlops.pipeline_run import log_stage
 
     atomic_write_json(Path(args.metrics) / "train.json", result.metrics)
     atomic_write_csv(Path(args.plots) / "train.csv", result.history)
     if tracker is not None:
-        _log(tracker, "train", result.metrics, _folders(args))
-        tracker.finish()
+        log_stage(tracker, "train", result.metrics, _folders(args), (cfg, Path(args.data)))
         if problem := tracker.report():
             log.warning("vae train: %s", problem)
     m = result.metrics
@@ -177,6 +171,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import float_images, load_split
     from vae.evaluation.evaluate import evaluate
+    from vae.mlops.pipeline_run import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -187,7 +182,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
         model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
     )
     atomic_write_json(Path(args.metrics) / "eval.json", metrics)
-    _log(tracker, "evaluate", metrics, _folders(args))
+    log_stage(tracker, "evaluate", metrics, _folders(args), (cfg, prepared))
     log.info(
         "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
         -metrics["elbo"],
@@ -202,6 +197,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
     from vae.evaluation.export import export
+    from vae.mlops.pipeline_run import log_stage
 
     prepared = Path(args.data)
     _check_prepared(cfg, prepared)
@@ -212,7 +208,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
     }
     metrics = export(model, splits, cfg.data.binarize, cfg.export, Path(args.out))
     atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
-    _log(tracker, "export", metrics, _folders(args))
+    log_stage(tracker, "export", metrics, _folders(args), (cfg, prepared))
     log.info(
         "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
         metrics["linear_probe_accuracy"] or 0.0,
@@ -227,6 +223,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     from vae.core.sampler import SAMPLER_FILE
     from vae.data.splits import load_split
     from vae.evaluation.generate import generate
+    from vae.mlops.pipeline_run import log_stage
     from vae.training.latent import fit_latent_samplers
 
     prepared = Path(args.data)
@@ -245,7 +242,7 @@ def cmd_generate(cfg: Config, args: argparse.Namespace) -> None:
     )
     test = load_split(prepared / "test.pt", device)
     paths = generate(model, test, cfg.generate, Path(args.out), manifest.get("classes"))
-    _log(tracker, "generate", {}, _folders(args, reports=args.out))
+    log_stage(tracker, "generate", {}, _folders(args, reports=args.out))
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
 
 
@@ -271,6 +268,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
     from vae.evaluation.score import FEATURE_NET_FILE, score_stage
+    from vae.mlops.pipeline_run import log_stage
 
     prepared, models = Path(args.data), Path(args.models)
     _check_prepared(cfg, prepared)
@@ -281,7 +279,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
     train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
     result = score_stage(model, models, train, test, cfg.data.binarize, cfg.score)
     atomic_write_json(Path(args.metrics) / "quality.json", result)
-    _log(tracker, "score", result, _folders(args))
+    log_stage(tracker, "score", result, _folders(args), (cfg, prepared))
     for name, m in result.get("sets", {}).items():
         log.info(
             "%-20s fid %8.2f  precision %.3f  recall %.3f",
@@ -294,6 +292,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
 
 def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
     from vae.atomic import atomic_write_json
+    from vae.mlops.pipeline_run import log_stage
     from vae.mlops.publish import not_registered, publish
 
     out = Path(args.metrics) / "registry.json"
@@ -313,30 +312,33 @@ def cmd_register(cfg: Config, args: argparse.Namespace) -> None:
         )
     model, _, _ = _load_trained(cfg, args)
     model.latent_sampler = _chosen_sampler(Path(args.models))
-    decision = publish(cfg, model, tracker.run_id, manifest, Path(args.data), Path(args.metrics))
+    folders = _folders(args)
+    decision = publish(cfg, model, tracker.run_id, manifest, prepared, folders, tracker.model_id)
     atomic_write_json(out, decision)
-    _log(tracker, "register", decision, _folders(args))
+    log_stage(tracker, "register", decision, folders)
 
 
 def cmd_log_run(cfg: Config, args: argparse.Namespace) -> None:
     """Re-send the local records of the last pipeline run to MLflow (after a tracking outage):
     the per-epoch rows, and every stage's record of :data:`STAGE_RECORDS` that is there."""
     from vae.atomic import load_json
-    from vae.mlops.mlflow_tracker import relog_history, start_pipeline_run
+    from vae.mlops.pipeline_run import log_stage, relog_history, start_pipeline_run
 
     if not cfg.mlflow.enabled:
         raise StageError("mlflow.enabled is false; nothing to log")
     manifest = _check_prepared(cfg, Path(args.data))
     metrics, folders = Path(args.metrics), _folders(args)
     device = load_json(metrics / "train.json").get("device", "unknown")
-    tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device)
+    data = (cfg, Path(args.data))
+    tracker = start_pipeline_run(cfg, Path(args.models) / RUN_FILE, manifest, device, data[1])
     assert tracker is not None
     relog_history(tracker, Path(args.plots) / "train.csv")
     for stage, spec in STAGE_RECORDS.items():
         if spec.metrics is not None and (metrics / spec.metrics).is_file():
-            _log(tracker, stage, load_json(metrics / spec.metrics), folders)
+            record = load_json(metrics / spec.metrics)
+            log_stage(tracker, stage, record, folders, data, finish=False)
         elif spec.metrics is None and spec.artifact_paths(folders):
-            _log(tracker, stage, {}, folders)
+            log_stage(tracker, stage, {}, folders, finish=False)
     tracker.finish()
     if problem := tracker.report():
         raise StageError(problem)

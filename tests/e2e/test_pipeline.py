@@ -4,7 +4,6 @@ MLflow store the project's default one (no MLFLOW_TRACKING_URI)."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -29,7 +29,6 @@ from tests.conftest import (
 from tests.evaluation.test_evaluate import KEYS
 from tests.evaluation.test_export import SCORE_KEYS
 from vae.evaluation.score import SHIPPED_SHA256
-from vae.imports import closure, imports_in, module_file, vae_imports
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
@@ -60,7 +59,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("loop")
     source = write_idx_dataset(base / "source", n_train=200, n_test=50)
     root = make_dvc_project(base / "proj", source, mlflow={"enabled": True})
-    dvc(root, "repro", env=_env())
+    dvc(root, "repro", env=_env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1"))
     run(root, "git", "add", "-A")
     run(root, "git", "commit", "-qm", "tiny pipeline run")
     return root
@@ -70,15 +69,6 @@ def _client(root: Path) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-
-
-def test_repo_dvc_yaml_has_the_stage_chain() -> None:
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == STAGES
-    for name, stage in stages.items():
-        assert stage["cmd"] == f"python -m vae {name}"
-        for dep in stage["deps"]:
-            assert (REPO / dep).exists() or not dep.startswith("vae/"), dep
 
 
 def test_pipeline_outputs(pipeline_repo: Path) -> None:
@@ -140,6 +130,58 @@ def test_dvc_hashes_the_data_and_the_run_carries_them(pipeline_repo: Path) -> No
     # the resumable checkpoint is deliberately not a DVC output: nothing to push or miss
     assert "models/checkpoint.pt" not in (root / "dvc.lock").read_text()
     assert (root / "models" / "checkpoint.pt").is_file()
+
+
+def test_training_logs_image_grids_at_each_epoch(pipeline_repo: Path) -> None:
+    """The MLflow UI's image slider: both grids at every epoch (image_every 1), PNG and WebP."""
+    client = _client(pipeline_repo)
+    (run_,) = client.search_runs(client.get_experiment_by_name("tiny").experiment_id)
+    names = [Path(f.path).name for f in client.list_artifacts(run_.info.run_id, "images")]
+    epochs = range(1, TINY_PARAMS["train"]["epochs"] + 1)
+    for key in ("samples", "reconstructions"):
+        for step in epochs:
+            found = [n for n in names if n.startswith(f"{key}+step+{step}+")]
+            assert sorted(Path(n).suffix for n in found) == [".png", ".webp"], (key, step, names)
+    assert run_.data.tags["mlflow.loggedImages"] == "True"
+
+
+def test_the_run_records_its_data_model_and_machine(pipeline_repo: Path) -> None:
+    """MLflow 3 lineage: the splits as dataset inputs whose digest is DVC's hash of the split's
+    file, the logged model the run created with the test metrics measured on the test split,
+    CPU and memory as system metrics, and a registered model that describes itself."""
+    root, client = pipeline_repo, _client(pipeline_repo)
+    (run_,) = client.search_runs(client.get_experiment_by_name("tiny").experiment_id)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    (prepared,) = lock["prepare"]["outs"]
+    manifest_file = root / ".dvc/cache/files/md5" / prepared["md5"][:2] / prepared["md5"][2:]
+    dvc_md5 = {e["relpath"]: e["md5"] for e in json.loads(manifest_file.read_text())}
+    inputs = {i.dataset.name: i for i in run_.inputs.dataset_inputs}
+    assert set(inputs) == {f"fashion_mnist-{s}" for s in ("train", "val", "test")}
+    for split, context in (("train", "training"), ("val", "validation"), ("test", "test")):
+        entry = inputs[f"fashion_mnist-{split}"]
+        assert entry.dataset.digest == dvc_md5[f"{split}.pt"], split
+        assert json.loads(entry.dataset.source)["uri"] == str(root.parent / "source")
+        assert {t.key: t.value for t in entry.tags}["mlflow.data.context"] == context
+    run_file = json.loads((root / "models" / "mlflow_run.json").read_text())
+    logged = client.get_logged_model(run_file["model_id"])
+    assert logged.source_run_id == run_.info.run_id and logged.status.value == "READY"
+    on_test = {m.key: m for m in logged.metrics if m.dataset_name == "fashion_mnist-test"}
+    ev = json.loads((root / "metrics/eval.json").read_text())
+    assert on_test["evaluate.nll_iw"].value == ev["nll_iw"]
+    assert on_test["evaluate.nll_iw"].dataset_digest == dvc_md5["test.pt"]
+    system = {k for k in run_.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system
+    (version,) = client.search_model_versions(f"name = '{NAME}'")
+    assert version.source == f"models:/{logged.model_id}"
+    card = json.loads((root / "metrics/registry.json").read_text())["card"]
+    assert card == "card/model_card_v1.html"
+    assert [f.path for f in client.list_artifacts(run_.info.run_id, "card")] == [card]
+    assert f"/runs/{run_.info.run_id}/artifacts/{card})" in version.description
+    registered = client.get_registered_model(NAME)
+    assert "@champion" in registered.description and "nll_iw" in registered.description
+    example = logged.artifact_location.removeprefix("file://") + "/input_example.json"
+    pixels = np.array(json.loads(Path(example).read_text()))
+    assert pixels.shape == (1, 784) and pixels.std() > 0, "a real test image"
 
 
 def test_exported_embeddings_are_what_vae_encode_returns(
@@ -304,34 +346,3 @@ def test_folder_source_changes_rerun_ingest_and_prepare(tmp_path: Path) -> None:
         assert "up to date" in dvc(root, "status", "prepare", env=_env()), what
     assert len({m["dataset_sha256"] for m in hashes}) == 4
     assert [sum(s["count"] for s in m["splits"].values()) for m in hashes] == [20, 21, 20, 20]
-
-
-def stage_deps(stage: str) -> set[str]:
-    """The vae/ files that ``vae <stage>`` can import: its command function, the stage helpers
-    it calls (transitively), and what their imports import (vae.imports; package __init__
-    files hold a docstring only, tests/test_layout.py)."""
-    stages_py = ast.parse((REPO / "vae/stages.py").read_text())
-    functions = {f.name: f for f in stages_py.body if isinstance(f, ast.FunctionDef)}
-    todo, seen = [f"cmd_{stage.replace('-', '_')}"], set()
-    while todo:
-        if (name := todo.pop()) in seen:
-            continue
-        seen.add(name)
-        todo += [
-            n.func.id
-            for n in ast.walk(functions[name])
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in functions
-        ]
-    roots = {"vae.stages", *(i.module for f in seen for i in imports_in(functions[f]))}
-    roots.discard("vae.stages")  # its module-level imports only: config, outputs, errors
-    roots |= {i.module for i in vae_imports(REPO / "vae/stages.py") if not i.deferred}
-    files = {module_file(m) for m in closure(roots)}
-    return {str(p.relative_to(REPO)) for p in files if p and p.name != "__init__.py"}
-
-
-def test_stage_deps_list_every_module_the_stage_imports() -> None:
-    """dvc.yaml stays true: each stage's deps name every vae/ module its command can import."""
-    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage, spec in dvc.items():
-        missing = stage_deps(stage) - set(spec["deps"])
-        assert not missing, f"{stage}: add {sorted(missing)} to its deps in dvc.yaml"

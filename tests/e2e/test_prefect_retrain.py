@@ -107,7 +107,12 @@ def test_retrain_first_run_promotes(prefect_server: None, repo: Path) -> None:
     samples = f"{(repo / 'mlruns').as_uri()}/tiny/{run_id}/artifacts/generate/samples.png"
     assert f"Sample grid: [generate/samples.png]({samples})" in report
     assert Path(samples.removeprefix("file://")).is_file()
-    link = str(_artifacts(state.state_details.flow_run_id)["vae-retrain-run"].data)
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    table = json.loads(artifacts["vae-retrain-metrics"].data)
+    assert artifacts["vae-retrain-metrics"].type == "table"
+    assert {"metric": "nll_iw", "champion": "-", "challenger v1": f"{nll:.3f}"} in table
+    assert "vae-retrain-samples" not in artifacts, "a local store: no URL to show an image by"
+    link = str(artifacts["vae-retrain-run"].data)
     assert link.startswith(f"[MLflow run {run_id}](http://127.0.0.1:5000/#/experiments/"), link
     champion = _client(repo).get_model_version_by_alias(NAME, "champion")
     manifest = json.loads((repo / "data/prepared/manifest.json").read_text())

@@ -11,7 +11,7 @@ import yaml
 
 from tests.conftest import TINY_PARAMS, project_env, write_idx_dataset
 from vae.cli import main
-from vae.mlops.mlflow_tracker import flatten_metrics
+from vae.mlops.pipeline_run import flatten_metrics
 
 NAME = "tiny-vae"
 STAGES = ["prepare", "train", "evaluate", "export", "generate", "classify", "score", "register"]

@@ -119,7 +119,7 @@ def test_unreachable_server_fails_fast(project: Path, capsys: pytest.CaptureFixt
 
 
 def test_credentials_never_reach_logs_or_tags() -> None:
-    from vae.mlops.mlflow_tracker import redact
+    from vae.mlops.pipeline_run import redact
 
     assert redact("https://alice:s3cret@mlflow.example.com") == (
         "https://alice:***@mlflow.example.com"

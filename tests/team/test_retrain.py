@@ -56,6 +56,13 @@ def test_vae_retrain_on_new_data_runs_on_the_team_servers(
     body = {"flows": {"name": {"any_": ["vae-retrain"]}}}
     runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
     assert any(r["state_type"] == "COMPLETED" for r in runs), runs  # on the team's server
+    (flow_run,) = [r for r in runs if r["state_type"] == "COMPLETED"][-1:]
+    body = {"artifacts": {"key": {"any_": ["vae-retrain-samples"]}}}
+    (image,) = httpx.post(f"{api}/artifacts/filter", json=body, timeout=30).json()
+    assert image["type"] == "image" and image["flow_run_id"] == flow_run["id"]
+    auth = (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
+    png = httpx.get(image["data"], auth=auth, timeout=30)
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n", image["data"]
 
     from vae.mlops.team.services import s3_client
 

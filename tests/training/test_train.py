@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ from vae.config import ConfigError
 from vae.core.losses import LossTerms
 from vae.data.splits import load_split
 from vae.params import load_params, parse_params
+from vae.training.callbacks import image_grid
 from vae.training.checkpoint import CheckpointError, load_checkpoint, load_model
+from vae.training.tracking import NullTracker
 from vae.training.train import NonFiniteLossError, lr_at, train
 
 
@@ -260,3 +263,53 @@ def test_ema_weights_are_the_ones_kept(prepared: Path, tmp_path: Path) -> None:
         assert torch.equal(saved[name], tensor), name
     raw = load_checkpoint(tmp_path / "checkpoint.pt")["model"]
     assert any(not torch.equal(raw[k], saved[k]) for k in saved), "EMA equals the raw weights"
+
+
+class RecordingTracker(NullTracker):
+    def __init__(self) -> None:
+        self.images: list[tuple[str, np.ndarray, int]] = []
+        self.metrics: list[tuple[dict[str, float], int | None]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((metrics, step))
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.images.append((key, image, step))
+
+
+def _with_images(every: int, epochs: int):
+    base = load_params("params.yaml").to_dict()
+    base["train"].update(epochs=epochs)
+    base["mlflow"].update(image_every=every)
+    return parse_params(base)
+
+
+def test_epoch_images_go_to_the_tracker_at_their_epochs(prepared: Path, tmp_path: Path) -> None:
+    """Every image_every epochs and at the last: two grids, the same draws each time, and the
+    training itself unchanged by them (the draws use their own generator)."""
+    tracker = RecordingTracker()
+    with_images = train(_with_images(2, 3), *_splits(prepared), tmp_path / "a", tracker=tracker)
+    steps = [(key, step) for key, _, step in tracker.images]
+    assert steps == [("samples", 2), ("reconstructions", 2), ("samples", 3), ("reconstructions", 3)]
+    for key, image, _ in tracker.images:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, key
+        assert image.std() > 0, f"{key} is blank"
+    samples, recon = tracker.images[0][1], tracker.images[1][1]
+    assert samples.shape == (2 + 2 * 30, 2 + 8 * 30, 3)  # 16 draws, 8 a row, 28 px + 2 padding
+    assert recon.shape == samples.shape  # 8 inputs over their 8 reconstructions
+    assert any("epoch_images_seconds" in m for m, _ in tracker.metrics)
+    without = train(_with_images(0, 3), *_splits(prepared), tmp_path / "b", tracker=NullTracker())
+    for name, tensor in with_images.model.state_dict().items():
+        assert torch.equal(tensor, without.model.state_dict()[name]), name
+    again = RecordingTracker()
+    train(_with_images(2, 3), *_splits(prepared), tmp_path / "c", tracker=again)
+    assert np.array_equal(again.images[0][1], samples), "the same draws, the same grid"
+
+
+def test_image_grid_lays_images_out_in_rows() -> None:
+    images = torch.zeros(3, 1, 2, 2)
+    images[1] = 1.0
+    grid = image_grid(images, nrow=2, padding=1)
+    assert grid.shape == (1 + 2 * 3, 1 + 2 * 3, 3)
+    assert (grid[1:3, 4:6] == 255).all() and grid[1:3, 1:3].max() == 0
+    assert grid.sum() == 4 * 3 * 255

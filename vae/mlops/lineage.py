@@ -1,4 +1,5 @@
-"""Where a run comes from: the DVC experiment that runs it, and DVC's hashes of its data.
+"""Where a run comes from: the DVC experiment that runs it, DVC's hashes of its data, and that
+data as the run's MLflow dataset inputs.
 
 DVC runs every stage command with ``DVC_ROOT`` (the project; for ``dvc exp run --temp`` and
 queued experiments, the original project, not the temporary copy under ``.dvc/tmp/exps``) and
@@ -6,19 +7,27 @@ queued experiments, the original project, not the temporary copy under ``.dvc/tm
 run is tagged with them, so a row of ``dvc exp show`` can be found in MLflow and back, and with
 the hashes DVC recorded in ``dvc.lock`` for the raw data and the prepared splits.
 
-Nothing here imports DVC: ``dvc.lock`` is plain YAML.
+Nothing here imports DVC: ``dvc.lock`` is plain YAML. Each split a stage reads is a dataset
+input of the run (:func:`dataset_input`): its digest is DVC's hash of the split's file (the md5
+that the ``.dir`` manifest of ``data/prepared`` lists; MLflow caps a digest at 36 characters),
+its source ``data.source``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 __all__ = [
+    "SPLIT_CONTEXTS",
     "data_hashes",
+    "dataset_input",
     "dvc_root",
     "experiment_name",
     "experiment_tags",
@@ -89,3 +98,37 @@ def run_tags() -> dict[str, str]:
     the data as ``dvc.lock`` recorded them when DVC ran the upstream stages (a command run by
     hand has no such record, so none)."""
     return {**experiment_tags(), **(data_hashes() if under_dvc() else {})}
+
+
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+@cache
+def file_md5(path: Path) -> str:
+    """The md5 of a file's bytes: DVC's hash of a (binary) file."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_input(split: str, prepared: Path, manifest: dict[str, Any], source: str) -> Any:
+    """The prepared ``split`` as an MLflow ``DatasetInput``, tagged with its context (training,
+    validation or test). Its name is ``DATASET-SPLIT``; its profile the image count and shape."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    info = manifest["splits"][split]
+    profile = {
+        "images": info["count"],
+        "shape": info["shape"][1:],
+        "binarize": manifest["binarize"],
+    }
+    dataset = Dataset(
+        name=f"{manifest['dataset']}-{split}",
+        digest=file_md5((prepared / f"{split}.pt").resolve()),
+        source_type="local",
+        source=json.dumps({"uri": source}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", SPLIT_CONTEXTS[split])])

@@ -24,6 +24,7 @@ from vae.pyfunc import DEFAULT_PARAMS, MAX_ROWS, save_vae_dir
 
 __all__ = [
     "LOADER",
+    "describe_registered_model",
     "describe_version",
     "log_model",
     "pyfunc_signature",
@@ -77,26 +78,46 @@ def requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "numpy", "safetensors", "mlflow")]
 
 
-def log_model(model: VAE, run_id: str) -> str:
-    """Log ``model`` into run ``run_id`` as a self-contained pyfunc model; returns its URI."""
+def log_model(
+    model: VAE, run_id: str, model_id: str | None = None, example: np.ndarray | None = None
+) -> str:
+    """Log ``model`` into run ``run_id`` as a self-contained pyfunc model; returns its URI.
+
+    ``model_id``: the run's logged model (created by ``vae train``), which gets the files the
+    first time; otherwise (or when it has them already) MLflow creates one. ``example``: the
+    input example, (1, C*H*W) float32 (a real test image; a blank one when not given).
+    """
     import mlflow
 
     from vae.mlops.store import tracking_uri
 
+    if example is None:
+        example = np.zeros((1, math.prod(model.image_shape)), dtype=np.float32)
     mlflow.set_tracking_uri(tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         save_vae_dir(model.cpu(), Path(tmp) / "data" / "vae")
         code = ship_code(Path(tmp) / "code")
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                loader_module=LOADER,
-                data_path=str(Path(tmp) / "data" / "vae"),
-                code_paths=[str(code)],
-                signature=pyfunc_signature(model.image_shape),
-                input_example=np.zeros((1, math.prod(model.image_shape)), dtype=np.float32),
-                pip_requirements=requirements(),
-            )
+        kwargs = {
+            "name": "model",
+            "loader_module": LOADER,
+            "data_path": str(Path(tmp) / "data" / "vae"),
+            "code_paths": [str(code)],
+            "signature": pyfunc_signature(model.image_shape),
+            "input_example": example,
+            "pip_requirements": requirements(),
+        }
+        client = mlflow.MlflowClient()
+        if model_id is not None and client.get_logged_model(model_id).status.value != "PENDING":
+            model_id = None  # it holds files already, maybe a registered version's: keep them
+        if model_id is None:
+            with mlflow.start_run(run_id=run_id):
+                return str(mlflow.pyfunc.log_model(**kwargs).model_uri)
+        # Into the run's logged model, outside the run: MLflow would otherwise copy every
+        # step-0 metric of the run onto the model, and fail on those already linked to it.
+        info = mlflow.pyfunc.log_model(model_id=model_id, **kwargs)
+    from mlflow.entities import LoggedModelOutput
+
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
     return str(info.model_uri)
 
 
@@ -126,8 +147,32 @@ def describe_version(
         f"At most {MAX_ROWS} rows a request (`VAE_MAX_ROWS` where it is served).\n\n"
         f"**Output** (params `mode`): `encode` (N, {c.code_dim}) posterior means "
         f'(`"logvar": true`: (N, {2 * c.code_dim}), means then log-variances); '
-        f"`reconstruct` (N, {d}) decoder means; `generate` (n, {d}) from the prior.\n\n"
+        f"`reconstruct` (N, {d}) decoder means; `generate` (n, {d}) decoder means of draws "
+        "from the sampler the pipeline chose (`generate.sampler`).\n\n"
         f"**Usage:**\n\n```python\n{usage_snippet(model_uri, shape)}```\n\n"
         f"**Source run:** `{run_id}`. Needs only `mlflow.pyfunc.get_model_dependencies`: the "
         "inference code ships in the model's `code/` folder.\n"
     )
+
+
+def describe_registered_model(name: str, model: VAE) -> tuple[str, dict[str, str]]:
+    """The registered model's own page (Markdown) and tags: what it is, the gate, how to load."""
+    c = model.cfg
+    text = (
+        f"**{name}**: a variational autoencoder of {'·'.join(map(str, model.image_shape))} "
+        f"images ({c.arch}, {c.code_dim}-dimensional codes, {c.prior} prior, {c.likelihood} "
+        "decoder), trained, evaluated and registered by the `vae` pipeline (`dvc repro`).\n\n"
+        "**The gate:** every pipeline run registers a new version with the alias `challenger`; "
+        "`champion` moves to it only if its importance-weighted test `nll_iw` (nats per image, "
+        "lower is better) is below the champion's on the same test data and estimator, the "
+        "champion being re-scored when those differ. A version without a finite `nll_iw` is "
+        "never promoted. Each version's tags hold its test metrics and DVC's data hashes; its "
+        "description links its model card.\n\n"
+        "**Load the champion:**\n\n```python\n"
+        f"{usage_snippet(f'models:/{name}@champion', model.image_shape)}```\n\n"
+        f"or `vae encode --model models:/{name}@champion photos/ --out codes.parquet`; serve it: "
+        f"`mlflow models serve -m models:/{name}@champion`.\n"
+    )
+    tags = {"task": "representation learning, generation", "framework": "pytorch"}
+    tags["input"] = f"float32 (N, {math.prod(model.image_shape)}) pixels in [0, 1]"
+    return text, tags

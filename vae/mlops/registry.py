@@ -19,7 +19,7 @@ from typing import Any
 from vae.core.model import VAE
 from vae.errors import PermanentError, RetryableError
 from vae.mlops import store
-from vae.mlops.packaging import describe_version, log_model
+from vae.mlops.packaging import describe_registered_model, describe_version, log_model
 from vae.pyfunc import load_vae_dir
 
 __all__ = [
@@ -92,6 +92,8 @@ def register(
     eval_key: dict[str, str],
     reevaluate: Callable[[VAE], float],
     tags: dict[str, str] | None = None,
+    model_id: str | None = None,
+    example: Any = None,
 ) -> dict[str, Any]:
     """Register ``model`` from run ``run_id`` and apply the promotion gate.
 
@@ -110,7 +112,7 @@ def register(
 
     uri = store.tracking_uri()
     with store.one_line_errors(uri, f"registering {name}"):
-        model_uri = log_model(model, run_id)
+        model_uri = log_model(model, run_id, model_id, example)
         with registry_lock(uri, name, REGISTER_LOCK_TIMEOUT):
             return _register_and_gate(
                 model, model_uri, name, run_id, eval_metrics, eval_key, reevaluate, tags
@@ -215,6 +217,10 @@ def _new_version(
     from vae.mlops.packaging import usage_snippet
 
     version = str(mlflow.register_model(model_uri, name).version)
+    text, tags = describe_registered_model(name, model)
+    client.update_registered_model(name, description=text)
+    for key, value in tags.items():
+        client.set_registered_model_tag(name, key, value)
     uri = f"models:/{name}/{version}"
     client.update_model_version(
         name, version, description=describe_version(model, uri, run_id, metrics)

@@ -126,3 +126,15 @@ def one_line_errors(uri: str, what: str) -> Iterator[None]:
             first = str(exc.message).splitlines()[0][:300]
             raise TrackingUnavailable(f"{what}: {where} failed ({first}); try again") from None
         raise
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves the project's own store
+
+
+def artifact_page(experiment_id: str, run_id: str, path: str, uri: str | None = None) -> str:
+    """The MLflow UI's page of one run artifact: the server's own UI (without any credentials
+    of the URI), or for a local store the address ``mlflow ui`` serves it at."""
+    uri = uri or tracking_uri()
+    server = uri.startswith(("http://", "https://"))
+    base = re.sub(r"//[^/@]*@", "//", uri).rstrip("/") if server else LOCAL_UI  # no user:password
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{path}"

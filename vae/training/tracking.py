@@ -21,6 +21,11 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_image(self, key: str, image: Any, step: int) -> None:
+        """An (H, W, 3) uint8 array as image ``key`` at ``step``; it may upload in the
+        background, so the caller does not wait on the server."""
+        ...
+
 
 class NullTracker:
     """Records nothing; used where tracking is not the subject (and in most tests)."""
@@ -35,4 +40,7 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, image: Any, step: int) -> None:
         pass
