@@ -285,17 +285,17 @@ def _with_images(every: int, epochs: int):
 
 
 def test_epoch_images_go_to_the_tracker_at_their_epochs(prepared: Path, tmp_path: Path) -> None:
-    """Every image_every epochs and at the last: two grids, the same draws each time, and the
-    training itself unchanged by them (the draws use their own generator)."""
+    """At step 0, every image_every epochs and at the last: two grids, the same draws each time,
+    and the training itself unchanged by them (the draws use their own generator)."""
     tracker = RecordingTracker()
     with_images = train(_with_images(2, 3), *_splits(prepared), tmp_path / "a", tracker=tracker)
     steps = [(key, step) for key, _, step in tracker.images]
-    assert steps == [("samples", 2), ("reconstructions", 2), ("samples", 3), ("reconstructions", 3)]
+    assert steps == [(k, step) for step in (0, 2, 3) for k in ("samples", "reconstructions")]
     for key, image, _ in tracker.images:
         assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, key
         assert image.std() > 0, f"{key} is blank"
-    samples, recon = tracker.images[0][1], tracker.images[1][1]
-    assert samples.shape == (2 + 2 * 30, 2 + 8 * 30, 3)  # 16 draws, 8 a row, 28 px + 2 padding
+    samples, recon = tracker.images[2][1], tracker.images[3][1]
+    assert samples.shape == (2 * (2 + 2 * 30), 2 * (2 + 8 * 30), 3)  # 16 draws, 8 a row, 2x
     assert recon.shape == samples.shape  # 8 inputs over their 8 reconstructions
     assert any("epoch_images_seconds" in m for m, _ in tracker.metrics)
     without = train(_with_images(0, 3), *_splits(prepared), tmp_path / "b", tracker=NullTracker())
@@ -303,7 +303,8 @@ def test_epoch_images_go_to_the_tracker_at_their_epochs(prepared: Path, tmp_path
         assert torch.equal(tensor, without.model.state_dict()[name]), name
     again = RecordingTracker()
     train(_with_images(2, 3), *_splits(prepared), tmp_path / "c", tracker=again)
-    assert np.array_equal(again.images[0][1], samples), "the same draws, the same grid"
+    assert np.array_equal(again.images[2][1], samples), "the same draws, the same grid"
+    assert not np.array_equal(tracker.images[0][1], samples), "step 0 is the untrained model"
 
 
 def test_image_grid_lays_images_out_in_rows() -> None:
@@ -313,3 +314,5 @@ def test_image_grid_lays_images_out_in_rows() -> None:
     assert grid.shape == (1 + 2 * 3, 1 + 2 * 3, 3)
     assert (grid[1:3, 4:6] == 255).all() and grid[1:3, 1:3].max() == 0
     assert grid.sum() == 4 * 3 * 255
+    big = image_grid(images, nrow=2, padding=1, scale=3)
+    assert big.shape == (21, 21, 3) and (big[::3, ::3] == grid).all()

@@ -76,9 +76,10 @@ class TrackerLog(Callback):
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=run.epoch)
 
 
-def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Any:
+def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, scale: int = 1) -> Any:
     """(N, C, H, W) in [0, 1] -> one (H', W', 3) uint8 numpy array, ``nrow`` images a row, on a
-    black ground: the layout of the PNG grids ``vae generate`` writes."""
+    black ground: the layout of the PNG grids ``vae generate`` writes; each pixel ``scale`` x
+    ``scale`` (the MLflow UI shows an image at its own size)."""
     n, c, h, w = images.shape
     rows = -(-n // nrow)
     x = images.detach().float().clamp(0, 1).cpu()
@@ -87,24 +88,33 @@ def image_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Any:
     for i in range(n):
         top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
         canvas[:, top : top + h, left : left + w] = x[i]
+    canvas = canvas.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     return (canvas * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 class EpochImages(Callback):
-    """Every ``every`` epochs and at the last, two grids to the tracker at the epoch as their
-    step, so the MLflow UI shows them change and compares runs: ``samples``, decoder means of
-    the same prior draws each time (one seeded generator), and ``reconstructions``, fixed
-    validation images (top row) over their decoder means. The loop waits only for the decoding:
-    :meth:`vae.mlops.mlflow_tracker.MlflowTracker.log_image` uploads in the background."""
+    """Before the first epoch (step 0), every ``every`` epochs and at the last, two grids to the
+    tracker at the epoch as their step, so the MLflow UI shows them change and compares runs:
+    ``samples``, decoder means of the same prior draws each time (one seeded generator), and
+    ``reconstructions``, fixed validation images (top row) over their decoder means. The loop
+    waits only for the decoding: :meth:`vae.mlops.mlflow_tracker.MlflowTracker.log_image`
+    uploads in the background."""
 
     def __init__(self, tracker: Tracker, every: int, n: int = 8, seed: int = 0) -> None:
         self.tracker, self.every, self.n, self.seed = tracker, every, n, seed
         self.seconds = 0.0  # the loop's time spent here, reported at the end of training
         self.grids = 0
 
+    def on_epoch_start(self, run: Run) -> None:
+        if run.epoch == 0:  # the untrained model at step 0, where the UI's slider starts
+            self._log(run)
+
     def on_epoch_end(self, run: Run, row: dict[str, float]) -> None:
         if run.epoch % self.every and run.epoch != run.cfg.train.epochs:
             return
+        self._log(run)
+
+    def _log(self, run: Run) -> None:
         t0 = time.perf_counter()
         model = run.evaluated
         device = run.x_val.device
@@ -113,17 +123,16 @@ class EpochImages(Callback):
             gen = torch.Generator(device).manual_seed(self.seed)
             samples = model.generate(2 * self.n, gen)
             recon = model.decode(model.encode(x).mean).mean
-        self.tracker.log_image("samples", image_grid(samples, self.n), run.epoch)
-        self.tracker.log_image(
-            "reconstructions", image_grid(torch.cat([x, recon]), self.n), run.epoch
-        )
+        grid = {"samples": samples, "reconstructions": torch.cat([x, recon])}
+        for key, images in grid.items():
+            self.tracker.log_image(key, image_grid(images, self.n, scale=2), run.epoch)
         self.seconds += time.perf_counter() - t0
         self.grids += 1
         if run.epoch == run.cfg.train.epochs:
             share = self.seconds / max(sum(r["seconds"] for r in run.history), 1e-9)
             self.tracker.log_metrics({"epoch_images_seconds": self.seconds}, step=run.epoch)
             log.info(
-                "epoch images: %d grids, %.2f s in the loop (%.2f %% of the epochs' time)",
+                "epoch images: %d pairs of grids, %.2f s in the loop (%.2f %% of the epochs' time)",
                 self.grids,
                 self.seconds,
                 100 * share,
