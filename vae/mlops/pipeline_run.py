@@ -150,13 +150,14 @@ def tracker_from_run_file(run_file: Path) -> MlflowTracker | None:
     )
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise missing  # and opening it would leave an empty store behind
+    from mlflow.exceptions import MlflowException
+
     client = store.client(uri)
     try:
-        client.get_run(run_id)
-    except Exception as exc:
-        from mlflow.exceptions import MlflowException
-
-        if not isinstance(exc, MlflowException) or exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+        with store.one_line_errors(uri, f"reading MLflow run {run_id}"):  # a 5xx: exit 75
+            client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise missing from None
     tracker = MlflowTracker(client, run_id, record.get("model_id"))
