@@ -168,9 +168,9 @@ def _chosen_sampler(models: Path) -> LatentDensity | None:
 
 
 def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.atomic import atomic_write_json
     from vae.data.splits import float_images, load_split
     from vae.evaluation.evaluate import evaluate
+    from vae.evaluation.summary import write_record
     from vae.mlops.pipeline_run import log_stage
 
     prepared = Path(args.data)
@@ -181,7 +181,7 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
     metrics = evaluate(
         model, float_images(test, cfg.data.binarize, cfg.evaluate.seed), cfg.evaluate
     )
-    atomic_write_json(Path(args.metrics) / "eval.json", metrics)
+    write_record(Path(args.metrics), "eval.json", metrics)
     log_stage(tracker, "evaluate", metrics, _folders(args), (cfg, prepared))
     log.info(
         "test -ELBO %.2f, -log p(x) ~ %.2f (K=%d), gap %.2f nats; %d active units",
@@ -194,9 +194,9 @@ def cmd_evaluate(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
     from vae.evaluation.export import export
+    from vae.evaluation.summary import write_record
     from vae.mlops.pipeline_run import log_stage
 
     prepared = Path(args.data)
@@ -207,7 +207,7 @@ def cmd_export(cfg: Config, args: argparse.Namespace) -> None:
         name: load_split(prepared / f"{name}.pt", device) for name in ("train", "val", "test")
     }
     metrics = export(model, splits, cfg.data.binarize, cfg.export, Path(args.out))
-    atomic_write_json(Path(args.metrics) / "downstream.json", metrics)
+    write_record(Path(args.metrics), "downstream.json", metrics)
     log_stage(tracker, "export", metrics, _folders(args), (cfg, prepared))
     log.info(
         "linear probe %.3f (pixels %.3f), %d-NN %.3f (pixels %.3f)",
@@ -265,9 +265,9 @@ def cmd_classify(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
-    from vae.atomic import atomic_write_json
     from vae.data.splits import load_split
     from vae.evaluation.score import FEATURE_NET_FILE, score_stage
+    from vae.evaluation.summary import write_record
     from vae.mlops.pipeline_run import log_stage
 
     prepared, models = Path(args.data), Path(args.models)
@@ -278,7 +278,7 @@ def cmd_score(cfg: Config, args: argparse.Namespace) -> None:
         raise StageError(f"{models / FEATURE_NET_FILE}: not found; run `vae classify` first")
     train, test = (load_split(prepared / f"{name}.pt") for name in ("train", "test"))
     result = score_stage(model, models, train, test, cfg.data.binarize, cfg.score)
-    atomic_write_json(Path(args.metrics) / "quality.json", result)
+    write_record(Path(args.metrics), "quality.json", result)
     log_stage(tracker, "score", result, _folders(args), (cfg, prepared))
     for name, m in result.get("sets", {}).items():
         log.info(

@@ -29,6 +29,7 @@ from tests.conftest import (
 from tests.evaluation.test_evaluate import KEYS
 from tests.evaluation.test_export import SCORE_KEYS
 from vae.evaluation.score import SHIPPED_SHA256
+from vae.evaluation.summary import SUMMARIES
 
 pytestmark = pytest.mark.slow  # processes, servers or real training: CI runs these
 
@@ -108,6 +109,17 @@ def test_pipeline_outputs(pipeline_repo: Path) -> None:
     assert quality["feature_net_sha256"] == SHIPPED_SHA256["fashion_mnist"]
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
+
+
+def test_dvc_exp_show_shows_the_compared_numbers_only(pipeline_repo: Path) -> None:
+    """The metric columns are the summaries' numbers, by their own names: no timing, string
+    or per-set count of the full records (which stay in metrics/ for the flows)."""
+    header = dvc(pipeline_repo, "exp", "show", "--csv", "--no-pager").splitlines()[0]
+    columns = header.split(",")[5:]  # after Experiment, rev, typ, Created, parent
+    # params are dotted (train.epochs), deps are paths; a record's leaf would be either
+    metrics = {c for c in columns if "." not in c and "/" not in c}
+    assert metrics == {col for spec in SUMMARIES.values() for col, _ in spec}, header
+    assert not any(c.startswith("sets.") or ":" in c for c in columns), header  # no prefixes
 
 
 def test_dvc_hashes_the_data_and_the_run_carries_them(pipeline_repo: Path) -> None:
@@ -316,33 +328,3 @@ def test_new_raw_data_reruns_the_pipeline(pipeline_repo: Path) -> None:
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 240
     assert "Data and pipelines are up to date" in dvc(root, "status", env=_env())
-
-
-def _png(path: Path, value: int, size: int = 8) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L", (size, size), value).save(path)
-
-
-def test_folder_source_changes_rerun_ingest_and_prepare(tmp_path: Path) -> None:
-    source = tmp_path / "images"
-    for i in range(20):
-        _png(source / ("cats" if i % 2 else "dogs") / f"{i}.png", 10 * i)
-    params = {"dataset": "folder", "binarize": "none"}
-    root = make_dvc_project(tmp_path / "proj", source, data=params)
-    hashes = []
-    changes = {
-        "added": lambda: _png(source / "cats" / "new.png", 255),
-        "removed": lambda: (source / "dogs" / "0.png").unlink(),
-        "changed": lambda: _png(source / "cats" / "1.png", 77),
-    }
-    for what, change in [("first", lambda: None), *changes.items()]:
-        change()
-        if what != "first":
-            status = dvc(root, "status", "ingest", env=_env())
-            assert "modified" in status and str(source) in status, (what, status)
-        out = dvc(root, "repro", "prepare", env=_env())
-        assert "Running stage 'ingest'" in out and "Running stage 'prepare'" in out, what
-        hashes.append(json.loads((root / "data/prepared/manifest.json").read_text()))
-        assert "up to date" in dvc(root, "status", "prepare", env=_env()), what
-    assert len({m["dataset_sha256"] for m in hashes}) == 4
-    assert [sum(s["count"] for s in m["splits"].values()) for m in hashes] == [20, 21, 20, 20]

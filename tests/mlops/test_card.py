@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import tiny_vae
-from vae.mlops.card import card_facts, card_tags, headline_set, render_card
+from vae.evaluation.summary import headline_set
+from vae.mlops.card import card_facts, card_tags, render_card
 
 QUALITY = {
     "sampler": "diffusion",

@@ -20,8 +20,9 @@ from typing import Any
 
 from vae.atomic import load_json
 from vae.core.model import VAE
+from vae.evaluation.summary import headline_set
 
-__all__ = ["CARD_METRICS", "CardFacts", "card_facts", "card_tags", "headline_set", "render_card"]
+__all__ = ["CARD_METRICS", "CardFacts", "card_facts", "card_tags", "render_card"]
 
 # (key, label, digits, lower is better): the table's rows, the tags every version carries.
 CARD_METRICS = (
@@ -59,13 +60,6 @@ class CardFacts:
     others: dict[str, dict[str, str]] = field(default_factory=dict)  # column -> version tags
     pictures: dict[str, bytes] = field(default_factory=dict)  # name -> PNG
     extra: dict[str, Any] = field(default_factory=dict)  # iw_samples, sampler, temperature
-
-
-def headline_set(quality: Mapping[str, Any]) -> str:
-    """The set of ``metrics/quality.json`` that the chosen sampler's headline numbers are."""
-    sampler, t = quality.get("sampler", "prior"), quality.get("temperature", 1.0)
-    name = f"{sampler}_mean" if t == 1.0 else f"{sampler}_mean_t{t:g}"
-    return name if name in quality.get("sets", {}) else f"{sampler}_mean"
 
 
 def card_tags(metrics_dir: Path) -> dict[str, str]:
