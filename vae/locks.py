@@ -190,6 +190,7 @@ def global_lock(
     server is :class:`LockTimeout` too, in one line. The lease is renewed while the block runs.
     """
     import httpx
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
 
     with contextlib.ExitStack() as stack:
@@ -204,7 +205,8 @@ def global_lock(
             raise LockTimeout(
                 f"{what}: the Prefect lock {name} was not released within {timeout:g} s; try again"
             ) from None
-        except (httpx.HTTPError, OSError) as exc:
+        except (httpx.HTTPError, OSError, ConcurrencySlotAcquisitionError) as exc:
+            # the last: Prefect's wrapper of a failed request, a 500 of a restarting database
             raise LockTimeout(
                 f"{what}: the Prefect API {prefect_api_url()} is unreachable ({exc}); try again"
             ) from None

@@ -169,3 +169,27 @@ def test_the_prefect_api_comes_from_the_environment(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
     assert prefect_api_url() == "http://127.0.0.1:4200/api"
+
+
+def test_a_prefect_api_failing_to_grant_the_slot_is_a_lock_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL restarting behind Prefect: the slot request fails with a 500, which Prefect
+    raises as ConcurrencySlotAcquisitionError. That is exit 75 in one line, not a traceback."""
+    import prefect.concurrency.sync
+    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+    import vae.locks
+    from vae.errors import exit_code
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ConcurrencySlotAcquisitionError("Unable to acquire concurrency slots: 500")
+
+    monkeypatch.setattr(vae.locks, "ensure_limit", lambda name: None)
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", refuse)
+    with (
+        pytest.raises(LockTimeout, match=r"registering m: the Prefect API .* try again") as info,
+        vae.locks.global_lock("vae-register-m", 5, "registering m"),
+    ):
+        raise AssertionError("the block must not run")
+    assert exit_code(info.value) == 75

@@ -275,7 +275,8 @@ def _record(client: object, run_id: str) -> tuple[set[str], set[str]]:
             (todo.append(info.path) if info.is_dir else paths.add(info.path))
     live = {"epoch_images_seconds"}
     metrics = {m for m in run.data.metrics if not m.startswith("system/") and m not in live}
-    return metrics, {p for p in paths if not p.startswith("images/")}
+    # the model card is the registered version's, linked from its description to this run
+    return metrics, {p for p in paths if not p.startswith(("images/", "card/"))}
 
 
 def test_log_run_resends_every_stages_record(local: tuple[Path, str]) -> None:
