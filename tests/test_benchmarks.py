@@ -75,3 +75,30 @@ def test_epoch_images_script_runs(project: Path) -> None:
     report = json.loads(proc.stdout[: proc.stdout.rindex("}") + 1])
     assert report["epochs"] == 2 and report["failures"] == 0
     assert report["loop_seconds_per_pair"] > 0 and report["upload_seconds_per_pair"] > 0
+
+
+# What a GPU machine lacks: its image has torch and pyyaml, but none of the project's services.
+_ABSENT_ON_A_GPU_MACHINE = ("mlflow", "dvc", "prefect", "pandas", "pyarrow", "sklearn", "PIL")
+
+
+def test_gpu_frontier_script_runs_with_torch_and_yaml_alone(project: Path) -> None:
+    """benchmarks/gpu_frontier.py on the CPU, shrunk, with the packages a GPU machine lacks made
+    unimportable: the conv-hvae preset trains for its time, then K samples score the test set."""
+    write_idx_dataset(project / "data" / "raw", n_train=200, n_test=30)
+    assert main(["-q", "prepare"]) == 0
+    block = "; ".join(f"sys.modules[{m!r}] = None" for m in _ABSENT_ON_A_GPU_MACHINE)
+    script = ROOT / "benchmarks" / "gpu_frontier.py"
+    args = ["--device", "cpu", "--minutes", "0.05", "--iw-samples", "8", "--images", "10"]
+    args += ["--skip-throughput", "--data", "data/prepared", "--out", "out"]
+    for setting in ("model.conv_channels=2", "model.hidden_dim=8", "model.pseudo_inputs=4"):
+        args += ["--set", setting]
+    args += ["--set", "train.batch_size=32"]
+    run = f"import runpy, sys; {block}; sys.argv = ['x', *{args!r}]; "
+    run += f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    proc = _run(["-c", run], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((project / "out" / "gpu_frontier.json").read_text())
+    assert report["preset"] == "conv-hvae" and report["epochs"] >= 1
+    ev = report["evaluation"]
+    assert ev["iw_samples"] == 8 and ev["n_images"] == 10 and 0 < ev["nll_iw"] <= -ev["elbo"]
+    assert "conv-hvae on cpu:" in proc.stdout and "nats at K = 8" in proc.stdout

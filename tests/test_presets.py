@@ -59,3 +59,24 @@ def test_the_cli_prints_flags_and_lists_presets(capsys: pytest.CaptureFixture) -
     assert _parse_flags(flags) == load_presets(REPO / "presets.yaml")["quality"]
     assert main([*common, *presets]) == 0
     assert capsys.readouterr().out.startswith("quality: -S ")
+
+
+def test_the_conv_hvae_preset_takes_a_training_step_on_the_cpu() -> None:
+    """The full-size ConvHVAE (gated convolutions, two layers, 500 pseudo-inputs): one Adam step
+    on 8 binary images, a finite loss, and a gradient in every parameter."""
+    import torch
+
+    from vae.core.losses import negative_elbo
+    from vae.core.model import VAE
+    from vae.params import parse_params
+
+    base = load_params(REPO / "params.yaml").to_dict()
+    cfg = parse_params(apply_preset(base, load_presets(REPO / "presets.yaml")["conv-hvae"]))
+    assert (cfg.model.arch, cfg.model.latent_layers) == ("gated_conv", 2)
+    torch.manual_seed(0)
+    model = VAE(cfg.model, (1, 28, 28))
+    x = torch.bernoulli(torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    terms = negative_elbo(x, model(x, generator=torch.Generator().manual_seed(1)), kl_weight=0.5)
+    assert torch.isfinite(torch.stack(terms)).all()
+    terms.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())

@@ -70,14 +70,16 @@ _BEFORE_THE_KEY = {
     "hidden_layers": 1,
     "prior": "standard",
     "latent_layers": 1,
+    "lower_inference": "shared",
 }
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # gated_mlp: each hidden layer is (W x) * sigmoid(V x), as in the VampPrior paper's MLPs;
-    # resnet: residual conv encoder/decoder (vae/core/resnet.py), conv_channels wide, H, W % 4 == 0.
-    arch: Literal["mlp", "gated_mlp", "conv", "resnet"] = "gated_mlp"
+    # resnet: residual conv encoder/decoder (vae/core/resnet.py), conv_channels wide, H, W % 4 == 0;
+    # gated_conv: the gated convolutions of the paper's ConvHVAE (vae/core/gated_conv.py).
+    arch: Literal["mlp", "gated_mlp", "conv", "resnet", "gated_conv"] = "gated_mlp"
     latent_dim: int = field(default=40, metadata=_range(ge=1, le=4096))
     hidden_dim: int = field(default=300, metadata=_range(ge=1, le=65536))
     hidden_layers: int = field(default=2, metadata=_range(ge=1, le=16))  # mlp and gated_mlp
@@ -96,6 +98,11 @@ class ModelConfig:
     # 2: a second stochastic layer, top-down (vae/core/hierarchy.py); z is then [z1, z2], each
     # latent_dim wide.
     latent_layers: int = field(default=1, metadata=_range(ge=1, le=2))
+    # Two layers: what q(z1 | x, z2) reads of x. branch: x through a hidden layer of its own, and
+    # p(z1|z2) two hidden layers (the VampPrior paper's HVAE); shared: the encoder's last hidden
+    # features, one hidden layer each (the first design, whose z1 collapsed; models saved before
+    # the key).
+    lower_inference: Literal["branch", "shared"] = "branch"
 
     @property
     def code_dim(self) -> int:
@@ -106,7 +113,10 @@ class ModelConfig:
     def from_saved(cls, saved: dict[str, Any]) -> ModelConfig:
         """The config of a saved model; keys added since it was saved keep their old meaning
         (the model they describe), whatever the defaults of new models are now."""
-        return cls(**{**_BEFORE_THE_KEY, **saved})
+        merged = {**_BEFORE_THE_KEY, **saved}
+        if merged["latent_layers"] == 1:  # the key means nothing for one layer
+            merged["lower_inference"] = "branch"
+        return cls(**merged)
 
 
 @dataclass(frozen=True)
@@ -122,8 +132,11 @@ class TrainConfig:
     # The KL weight rises linearly from 0 to `beta` over this many optimiser steps (0 = off).
     # Units that the full KL switches off early rarely come back; the warm-up keeps more of them.
     kl_warmup_steps: int = field(default=4000, metadata=_range(ge=0))
-    # Free bits: each latent dimension's batch-mean KL is floored at this many nats (0 = off).
-    free_bits: float = field(default=0.0, metadata=_range(ge=0.0))
+    # Free bits, nats per latent dimension (0 = off): a number for every layer, or a list with
+    # one per stochastic layer, bottom (z1) first. With N(0, I) and one layer each dimension's
+    # batch-mean KL is floored; otherwise (VampPrior, two layers) each layer's batch-mean KL
+    # is floored at its value times latent_dim.
+    free_bits: float | tuple[float, ...] = field(default=0.0, metadata=_range(ge=0.0))
     # The max gradient norm (0 = off); typical norms are 20-80, so 200 only catches spikes.
     grad_clip: float = field(default=200.0, metadata=_range(ge=0.0))
     # elbo: minimise -ELBO; iwae: minimise -L_K, the importance-weighted bound with K = iw_k.
@@ -142,6 +155,11 @@ class TrainConfig:
     nnodes: int = field(default=1, metadata=_range(ge=1, le=4096))
     nproc_per_node: int = field(default=1, metadata=_range(ge=1, le=1024))
     rdzv_endpoint: str = "127.0.0.1:29400"
+
+    def free_bits_per_layer(self, layers: int) -> tuple[float, ...]:
+        """``free_bits`` as one value per stochastic layer, bottom first."""
+        fb = self.free_bits
+        return tuple(fb) if isinstance(fb, tuple) else (fb,) * layers
 
 
 @dataclass(frozen=True)

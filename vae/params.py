@@ -171,20 +171,22 @@ def _cross_checks(cfg: Config) -> None:
             "data.binarize: 'none'"
         )
     tc = cfg.train
-    if tc.objective == "iwae" and (tc.beta != 1.0 or tc.free_bits):
+    free_bits = tc.free_bits_per_layer(cfg.model.latent_layers)
+    if tc.objective == "iwae" and (tc.beta != 1.0 or any(free_bits)):
         raise ConfigError(
             "train.objective: 'iwae' is a bound on log p(x) with no KL term to reweight or floor, "
             "so it takes no train.beta or train.free_bits; set them to 1.0 and 0.0"
         )
-    if cfg.model.prior == "vamp" and tc.free_bits:
+    if len(free_bits) != cfg.model.latent_layers:
         raise ConfigError(
-            "model.prior: 'vamp' has no per-dimension KL for train.free_bits to floor; "
-            "set train.free_bits: 0.0"
+            f"train.free_bits: {list(free_bits)} has {len(free_bits)} value(s) and "
+            f"model.latent_layers is {cfg.model.latent_layers}; expected a number, or one per "
+            "layer (bottom first)"
         )
-    if cfg.model.latent_layers == 2 and tc.free_bits:
+    if cfg.model.latent_layers == 1 and cfg.model.lower_inference != "branch":
         raise ConfigError(
-            "model.latent_layers: 2 has no per-dimension KL for train.free_bits to floor; "
-            "set train.free_bits: 0.0"
+            "model.lower_inference: 'shared' is a choice of two stochastic layers, and "
+            "model.latent_layers is 1; set it to 'branch' or model.latent_layers: 2"
         )
     gc = cfg.generate
     if gc.sampler == "prior" and gc.temperature != 1.0:

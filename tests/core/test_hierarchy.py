@@ -14,7 +14,8 @@ from tests.conftest import mlp_config, write_params
 from tests.training.test_train import prepared  # noqa: F401  (the fixture)
 from vae.cli import main
 from vae.config import ConfigError, EvaluateConfig
-from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior
+from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior, SharedTopDown
+from vae.core.layers import Gated
 from vae.core.losses import iwae_bound, negative_elbo
 from vae.core.model import VAE
 from vae.core.sampler import load_sampler
@@ -41,28 +42,61 @@ def _normal(mean_logvar: torch.Tensor) -> D.Independent:
     return D.Independent(D.Normal(mean, torch.exp(0.5 * logvar)), 1)
 
 
-@pytest.mark.parametrize("arch", ["mlp", "gated_mlp", "conv", "resnet"])
+@pytest.mark.parametrize("arch", ["mlp", "gated_mlp", "conv", "resnet", "gated_conv"])
 def test_two_layer_densities_match_torch_distributions(arch: str) -> None:
     """log q(z|x) = log q(z2|x) + log q(z1|x, z2), log p(z) = log p(z2) + log p(z1|z2), with
-    every conditional rebuilt here from the networks' raw outputs."""
+    every conditional rebuilt here from the networks' raw outputs: q(z1|x, z2) reads x through
+    a branch of its own, and p(z1|z2) has two hidden layers."""
     model, x = _vae(arch=arch, conv_channels=2), _batch()
+    td = model.top_down
+    assert sum(isinstance(m, torch.nn.Linear | Gated) for m in td.p_net) == 3  # 2 hidden + head
     with torch.no_grad():
         q, prior = model.encode(x), model.prior()
         assert isinstance(q, HierarchicalPosterior) and isinstance(prior, HierarchicalPrior)
         z = q.sample(torch.Generator().manual_seed(2), n=5)  # (5, B, 6)
         assert z.shape == (5, 6, 6)
         z1, z2 = z[..., :3], z[..., 3:]
-        h = model.encoder.net[:-1](x).expand(5, 6, -1)
-        q2 = _normal(model.encoder.net[-1](h))
-        q1 = _normal(model.top_down.q_net(torch.cat([h, z2], -1)))
+        q2 = _normal(model.encoder.net(x))
+        hx = td.q_x(x).expand(5, 6, -1)  # x's own branch, not the encoder's features
+        q1 = _normal(td.q_joint(torch.cat([hx, td.q_z2(z2)], -1)))
         p2 = D.Independent(D.Normal(torch.zeros(3), torch.ones(3)), 1)
-        p1 = _normal(model.top_down.p_net(z2))
+        p1 = _normal(td.p_net(z2))
         torch.testing.assert_close(q.log_prob(z), q2.log_prob(z2) + q1.log_prob(z1))
         torch.testing.assert_close(prior.log_prob(z), p2.log_prob(z2) + p1.log_prob(z1))
         # the embedding: E[z2|x], then E[z1 | x, z2 = E[z2|x]]
-        m2 = q2.base_dist.mean[0]
-        m1 = model.top_down.q_net(torch.cat([h[0], m2], -1)).chunk(2, -1)[0]
+        m2 = q2.base_dist.mean
+        m1 = td.q_joint(torch.cat([td.q_x(x), td.q_z2(m2)], -1)).chunk(2, -1)[0]
         torch.testing.assert_close(q.mean, torch.cat([m1, m2], -1))
+
+
+def test_the_first_design_still_loads_from_a_checkpoint_without_the_key(tmp_path: Path) -> None:
+    """A two-layer model saved before model.lower_inference: q(z1|h(x), z2) on the encoder's
+    features, one hidden layer each; it loads as that model, weights and densities equal."""
+    from vae.config import DataConfig
+    from vae.training.checkpoint import save_model
+
+    old = _vae(arch="gated_mlp", lower_inference="shared")
+    assert isinstance(old.top_down, SharedTopDown)
+    save_model(tmp_path / "model.pt", old, DataConfig(), {})
+    obj = torch.load(tmp_path / "model.pt", weights_only=True)
+    del obj["params"]["model"]["lower_inference"]  # as the first design wrote it
+    torch.save(obj, tmp_path / "model.pt")
+    back, _ = load_model(tmp_path / "model.pt")
+    assert back.cfg.lower_inference == "shared"
+    x = _batch()
+    with torch.no_grad():
+        z = old.encode(x).sample(torch.Generator().manual_seed(0))
+        h = old.encoder.net[:-1](x)
+        q1 = _normal(old.top_down.q_net(torch.cat([h, z[:, 3:]], -1)))
+        torch.testing.assert_close(back.encode(x).log_prob(z), old.encode(x).log_prob(z))
+        torch.testing.assert_close(old.encode(x).log_prob_layers(z)[:, 0], q1.log_prob(z[:, :3]))
+    # a one-layer model saved before the key loads against today's params, unchanged
+    one = VAE(mlp_config(latent_dim=3), SHAPE)
+    save_model(tmp_path / "one.pt", one, DataConfig(), {})
+    obj = torch.load(tmp_path / "one.pt", weights_only=True)
+    del obj["params"]["model"]["lower_inference"]
+    torch.save(obj, tmp_path / "one.pt")
+    assert load_model(tmp_path / "one.pt", expected=one.cfg)[0].cfg == one.cfg
 
 
 def test_sampling_draws_the_top_layer_first() -> None:
@@ -90,8 +124,9 @@ def test_elbo_is_the_monte_carlo_kl_and_iwae_k1_equals_it(prior: str) -> None:
     torch.testing.assert_close(terms.elbo, (out.likelihood.log_prob(x)).mean() - kl)
     one = iwae_bound(x, model(x, eps=eps[None]))
     torch.testing.assert_close(-one.loss, terms.elbo)
-    terms.loss.backward()  # both conditionals of the lower layer learn
-    for net in (model.top_down.q_net, model.top_down.p_net):
+    terms.loss.backward()  # both conditionals of the lower layer learn, every branch of them
+    td = model.top_down
+    for net in (td.q_x, td.q_z2, td.q_joint, td.p_net):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
 
 
@@ -123,20 +158,53 @@ def test_registered_format_and_consumers_see_both_layers(tmp_path: Path) -> None
     assert LoadedModel(None, tmp_path).code_dim == 6  # embedding columns for [z1, z2]
 
 
-def test_params_refuse_a_third_layer_and_free_bits() -> None:
+def test_params_refuse_a_third_layer_and_free_bits_that_do_not_fit_the_layers() -> None:
     base = load_params("params.yaml").to_dict()
     for model, train_, words in (
         ({"latent_layers": 3}, {}, ["model.latent_layers", "<= 2"]),
-        (
-            {"latent_layers": 2, "prior": "standard"},
-            {"free_bits": 0.5},
-            ["model.latent_layers", "free_bits"],
-        ),
+        ({"latent_layers": 2}, {"free_bits": [0.1, 0.1, 0.1]}, ["train.free_bits", "one per"]),
+        ({"latent_layers": 1}, {"free_bits": [0.1, 0.1]}, ["train.free_bits", "latent_layers"]),
+        ({"latent_layers": 2}, {"free_bits": [0.1, -1.0]}, ["train.free_bits[1]", ">= 0"]),
+        ({"lower_inference": "shared"}, {}, ["model.lower_inference", "latent_layers"]),
     ):
         raw = {**base, "model": {**base["model"], **model}, "train": {**base["train"], **train_}}
         with pytest.raises(ConfigError) as err:
             parse_params(raw)
         assert all(w in str(err.value) for w in words), str(err.value)
+    raw = {**base, "model": {**base["model"], "latent_layers": 2}}
+    raw["train"] = {**base["train"], "free_bits": [0.2, 0.0]}
+    assert parse_params(raw).train.free_bits_per_layer(2) == (0.2, 0.0)
+
+
+@pytest.mark.parametrize("prior", ["standard", "vamp"])
+def test_free_bits_floor_each_layers_monte_carlo_kl(prior: str) -> None:
+    """Free bits by groups: each layer's batch-mean KL is floored at its free_bits x latent_dim;
+    the ELBO itself is never floored, and a floored layer passes no gradient through its KL."""
+    model, x = _vae(prior=prior, pseudo_inputs=4), _batch()
+    out = model(x, eps=torch.randn(6, 6, generator=torch.Generator().manual_seed(3)))
+    per_layer = (
+        torch.stack(
+            [
+                out.posterior.log_prob_layers(out.z)[:, i] - out.prior.log_prob_layers(out.z)[:, i]
+                for i in range(2)
+            ]
+        )
+        .mean(1)
+        .detach()
+    )  # (2,): [z1, z2]
+    high = float(per_layer.max()) + 1.0  # nats per dimension above both layers' KL / 3
+    plain = negative_elbo(x, out)
+    for fb, want in (
+        ((0.0, 0.0), per_layer.sum()),
+        ((high, 0.0), 3 * high + per_layer[1]),
+        ((0.0, high), per_layer[0] + 3 * high),
+        (high, 6 * high),
+    ):
+        terms = negative_elbo(x, out, kl_weight=0.5, free_bits=fb)
+        torch.testing.assert_close(terms.loss, terms.recon + 0.5 * want)
+        torch.testing.assert_close(terms.elbo, plain.elbo)  # the true bound, never floored
+    negative_elbo(x, out, free_bits=(high, 0.0)).loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.top_down.p_net.parameters())
 
 
 @pytest.mark.slow

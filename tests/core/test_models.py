@@ -75,8 +75,9 @@ def test_vamp_evaluation_says_its_kl_is_estimated() -> None:
         {"arch": "gated_mlp", "hidden_layers": 2},
         {"arch": "mlp", "hidden_layers": 3},
         {"arch": "resnet", "conv_channels": 2},
+        {"arch": "gated_conv", "conv_channels": 2, "prior": "vamp", "pseudo_inputs": 3},
     ],
-    ids=["vamp", "gated2", "mlp3", "resnet"],
+    ids=["vamp", "gated2", "mlp3", "resnet", "gated_conv"],
 )
 def test_variants_round_trip_through_the_registered_format(tmp_path: Path, model: dict) -> None:
     vae, x = _vae(**model), _batch()

@@ -14,6 +14,7 @@ from torch.distributions import MultivariateNormal
 from tests.conftest import mlp_config
 from vae.config import EvaluateConfig
 from vae.core.distributions import DiagonalGaussian, GaussianLikelihood, Likelihood, StandardNormal
+from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior
 from vae.core.losses import negative_elbo
 from vae.core.model import VAE
 from vae.evaluation.evaluate import active_units, evaluate, iwae_log_likelihood
@@ -269,3 +270,32 @@ def test_active_units_counts_units_whose_mean_varies() -> None:
     assert active_units(_Encoder(), x, batch_size=500, threshold=0.01)[0] == 2
     assert active_units(_Encoder(), x, batch_size=7, threshold=1e-5)[0] == 3
     assert active_units(_Encoder(), x, batch_size=7, threshold=10.0)[0] == 0
+
+
+class _TwoLayers:
+    """q(z2|x) with mean x[:, :2]; q(z1|x, z2) with mean 3 z2 + (x[:, 2], 0.001 x[:, 3]), and
+    p(z1|z2) with mean 3 z2: z1's first unit adds x[:, 2] to what z2 says, its second next to
+    nothing, however much both means move with x through z2."""
+
+    def encode(self, x: torch.Tensor) -> HierarchicalPosterior:
+        top = DiagonalGaussian(x[:, :2], torch.zeros(len(x), 2))
+
+        def lower(h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
+            own = torch.stack([h[..., 2], 0.001 * h[..., 3]], -1)
+            return DiagonalGaussian(3 * z2 + own, torch.zeros_like(z2))
+
+        return HierarchicalPosterior(top, x, lower)
+
+    def prior(self) -> HierarchicalPrior:
+        return HierarchicalPrior(
+            StandardNormal(2), lambda z2: DiagonalGaussian(3 * z2, torch.zeros_like(z2))
+        )
+
+
+def test_a_lower_layer_unit_is_active_by_what_it_adds_to_the_top_layer() -> None:
+    x = torch.randn(400, 4, generator=_gen())
+    count, variances = active_units(_TwoLayers(), x, batch_size=64, threshold=0.01)
+    var = x.var(0, unbiased=False).double()
+    want = torch.stack([var[2], 1e-6 * var[3], var[0], var[1]])  # [z1, z2]
+    torch.testing.assert_close(variances, want, rtol=1e-4, atol=1e-9)
+    assert count == 3  # z1's second unit copies p(z1|z2): its mean moves (9 var) but adds nothing

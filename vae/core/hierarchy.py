@@ -4,11 +4,12 @@ the VampPrior paper (Tomczak & Welling 2018, section 3.3) and ladder VAEs (Sønd
     inference   q(z2 | x) q(z1 | x, z2)       generative   p(z2) p(z1 | z2) p(x | z1, z2)
 
 z2 is the top layer: the encoder's head gives q(z2|x), and its prior p(z2) is ``model.prior``
-(N(0, I), or the VampPrior of the pseudo-inputs' q(z2|u)). z1 is inferred from the encoder's last
-hidden features h(x) and z2; the decoder reads both layers. The model hands the rest of the
-project one code, z = [z1, z2] of ``VAE.code_dim`` = 2 x ``model.latent_dim`` values, and two
-objects with the interface of the one-layer posterior and prior (``sample``, ``log_prob``,
-``mean``, ``logvar``),
+(N(0, I), or the VampPrior of the pseudo-inputs' q(z2|u)). z1 is inferred from x, through a branch
+of its own, and z2; p(z1|z2) has two hidden layers; the decoder reads both layers
+(``TopDown``; the first design, ``SharedTopDown``, read the encoder's features). The model hands
+the rest of the project one code, z = [z1, z2] of ``VAE.code_dim`` = 2 x ``model.latent_dim``
+values, and two objects with the interface of the one-layer posterior and prior (``sample``,
+``log_prob``, ``mean``, ``logvar``),
 so the ELBO, the IWAE bound, the evaluation, the samplers and the registered model need nothing
 of their own. Neither KL term has a closed form once z2 is sampled, so the ELBO's KL is the
 one-sample Monte Carlo estimate log q(z|x) - log p(z), as for the VampPrior.
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from vae.core.distributions import DiagonalGaussian, Prior
-from vae.core.layers import mlp_layers
+from vae.core.layers import Gated, activation, mlp_layers
 
-__all__ = ["HierarchicalPosterior", "HierarchicalPrior", "Posterior", "TopDown"]
+__all__ = ["HierarchicalPosterior", "HierarchicalPrior", "Posterior", "SharedTopDown", "TopDown"]
 
 Conditional = Callable[..., DiagonalGaussian]
 
@@ -41,26 +42,64 @@ def _gaussian(h: torch.Tensor) -> DiagonalGaussian:
     return DiagonalGaussian(mean, logvar)
 
 
-class TopDown(nn.Module):
-    """The lower layer's two conditionals: q(z1 | h(x), z2) and p(z1 | z2), one hidden layer
-    each (gated for ``gated_mlp``), ``latent`` wide on both layers."""
+def _unit(n_in: int, n_out: int, act: str, gated: bool) -> nn.Module:
+    """One hidden layer: gated (``gated_mlp``, ``gated_conv``), or dense + the activation."""
+    return Gated(n_in, n_out) if gated else nn.Sequential(nn.Linear(n_in, n_out), activation(act))
 
-    def __init__(self, features: int, latent: int, hidden: int, act: str, gated: bool) -> None:
+
+class TopDown(nn.Module):
+    """The lower layer's two conditionals as the VampPrior paper's HVAE builds them
+    (``model.lower_inference: branch``):
+
+    - q(z1 | x, z2): x through a branch of its own (one hidden layer over the pixels), z2
+      through one hidden layer, the two joined by a third, then the Gaussian's head;
+    - p(z1 | z2): two hidden layers, then the head.
+
+    Every hidden layer is ``hidden`` wide, gated for the gated architectures.
+    """
+
+    def __init__(self, pixels: int, latent: int, hidden: int, act: str, gated: bool) -> None:
         super().__init__()
-        self.q_net = nn.Sequential(
-            *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
+        self.q_x = nn.Sequential(nn.Flatten(), _unit(pixels, hidden, act, gated))
+        self.q_z2 = _unit(latent, hidden, act, gated)
+        self.q_joint = nn.Sequential(
+            _unit(2 * hidden, hidden, act, gated), nn.Linear(hidden, 2 * latent)
         )
-        self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 1, 2 * latent, act, gated))
+        self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 2, 2 * latent, act, gated))
+
+    def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
+        """What q(z1|x, z2) reads of x: its own branch, (B, hidden)."""
+        return self.q_x(x)
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        """q(z1 | x, z2): h (..., F) and z2 (..., D) with the same leading dims."""
-        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)))
+        """q(z1 | x, z2): h (..., hidden) from :meth:`features`, z2 (..., D), same leading dims."""
+        return _gaussian(self.q_joint(torch.cat([h, self.q_z2(z2.to(h.dtype))], dim=-1)))
 
     def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
         """p(z1 | z2) for z2 (..., D)."""
         # The evaluation's codes are float64 (vae.evaluation.evaluate); the network runs in its own
         # dtype.
         return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)))
+
+
+class SharedTopDown(TopDown):
+    """The first two-layer design (``model.lower_inference: shared``, what models saved before
+    the key meant): q(z1 | h(x), z2) reads the encoder's last hidden features, and both
+    conditionals have one hidden layer. Its lower layer collapsed (docs/models.md); it stays so
+    those models load."""
+
+    def __init__(self, features: int, latent: int, hidden: int, act: str, gated: bool) -> None:
+        nn.Module.__init__(self)
+        self.q_net = nn.Sequential(
+            *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
+        )
+        self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 1, 2 * latent, act, gated))
+
+    def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
+        return encoder_features
+
+    def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
+        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)))
 
 
 def _split(z: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +111,7 @@ class HierarchicalPosterior:
 
     def __init__(self, top: DiagonalGaussian, h: torch.Tensor, lower: Conditional) -> None:
         self.top = top  # q(z2|x), (B, D2)
-        self.h = h  # the encoder's features of x, (B, F)
+        self.h = h  # what q(z1|x, z2) reads of x, (B, F)
         self.lower = lower  # (h, z2) -> q(z1|x, z2)
 
     @functools.cached_property

@@ -10,7 +10,10 @@ where recon = E_q[-log p(x|z)] (a one-sample estimate), KL = KL(q(z|x) || N(0, I
 form (for the VampPrior, which has none, the one-sample estimate log q(z|x) - log p(z) at the
 decoded z), and KL_fb is KL with free bits (Kingma et al. 2016): each latent dimension's
 batch-mean KL is floored at ``free_bits`` nats, so the optimiser gains nothing by pushing a
-unit below it.
+unit below it. Where the KL has no closed form (the VampPrior, two layers), free bits work by
+groups, as in Kingma et al.: each stochastic layer's batch-mean Monte Carlo KL is floored at
+its ``free_bits`` times its width, so a layer keeps that many nats before the KL weight can
+push it down.
 
 ``train.objective: iwae`` minimises instead -L_K, the importance-weighted bound of Burda et al.
 (2016) with K = ``train.iw_k`` samples per image: L_K = log (1/K) sum_k w_k, with
@@ -27,9 +30,17 @@ from typing import NamedTuple
 
 import torch
 
+from vae.core.hierarchy import HierarchicalPrior
 from vae.core.model import VAEOutput
 
-__all__ = ["LossTerms", "iwae_bound", "kl_weight", "negative_elbo", "objective_terms"]
+__all__ = [
+    "LossTerms",
+    "iwae_bound",
+    "kl_per_layer",
+    "kl_weight",
+    "negative_elbo",
+    "objective_terms",
+]
 
 
 class LossTerms(NamedTuple):
@@ -40,16 +51,45 @@ class LossTerms(NamedTuple):
 
 
 def negative_elbo(
-    x: torch.Tensor, out: VAEOutput, kl_weight: float = 1.0, free_bits: float = 0.0
+    x: torch.Tensor,
+    out: VAEOutput,
+    kl_weight: float = 1.0,
+    free_bits: float | tuple[float, ...] = 0.0,
 ) -> LossTerms:
+    """-ELBO terms; ``free_bits`` in nats per latent dimension, one number or one per layer."""
     recon = -out.likelihood.log_prob(x).mean()  # (B,) -> ()
     if not out.prior.closed_form_kl:  # one-sample Monte Carlo KL at the z that was decoded
-        kl = (out.posterior.log_prob(out.z) - out.prior.log_prob(out.z)).mean()
-        return LossTerms(recon + kl_weight * kl, -(recon + kl), recon, kl)
+        kl_layers = kl_per_layer(out).mean(0)  # (L,)
+        kl = kl_layers.sum()
+        floors = _per_layer(free_bits, kl_layers.shape[0])
+        if not any(floors):
+            return LossTerms(recon + kl_weight * kl, -(recon + kl), recon, kl)
+        width = out.z.shape[-1] // kl_layers.shape[0]  # latent dimensions per layer
+        floor = torch.tensor(floors, dtype=kl.dtype, device=kl.device) * width
+        return LossTerms(
+            recon + kl_weight * torch.maximum(kl_layers, floor).sum(), -(recon + kl), recon, kl
+        )
     kl_bd = out.posterior.kl_per_dim()  # (B, D)
     kl = kl_bd.sum(-1).mean()
-    kl_term = kl_bd.mean(0).clamp(min=free_bits).sum() if free_bits > 0 else kl
+    (fb,) = _per_layer(free_bits, 1)
+    kl_term = kl_bd.mean(0).clamp(min=fb).sum() if fb > 0 else kl
     return LossTerms(recon + kl_weight * kl_term, -(recon + kl), recon, kl)
+
+
+def kl_per_layer(out: VAEOutput) -> torch.Tensor:
+    """The one-sample Monte Carlo KL of each stochastic layer at the decoded z, (B, L): log q -
+    log p per layer, bottom first (L = 1 for one layer); the columns sum to the KL estimate."""
+    if isinstance(out.prior, HierarchicalPrior):
+        return out.posterior.log_prob_layers(out.z) - out.prior.log_prob_layers(out.z)
+    return (out.posterior.log_prob(out.z) - out.prior.log_prob(out.z)).unsqueeze(-1)
+
+
+def _per_layer(free_bits: float | tuple[float, ...], layers: int) -> tuple[float, ...]:
+    if isinstance(free_bits, tuple):
+        if len(free_bits) != layers:
+            raise ValueError(f"free_bits: {len(free_bits)} values for {layers} layer(s)")
+        return free_bits
+    return (free_bits,) * layers
 
 
 def iwae_bound(x: torch.Tensor, out: VAEOutput, kl_weight: float = 1.0) -> LossTerms:
@@ -71,7 +111,11 @@ def iwae_bound(x: torch.Tensor, out: VAEOutput, kl_weight: float = 1.0) -> LossT
 
 
 def objective_terms(
-    x: torch.Tensor, out: VAEOutput, objective: str, kl_weight: float = 1.0, free_bits: float = 0.0
+    x: torch.Tensor,
+    out: VAEOutput,
+    objective: str,
+    kl_weight: float = 1.0,
+    free_bits: float | tuple[float, ...] = 0.0,
 ) -> LossTerms:
     """The terms of ``train.objective`` (``elbo`` or ``iwae``); free bits apply to the ELBO."""
     if objective == "iwae":

@@ -36,7 +36,14 @@ from vae.core.distributions import (
     StandardNormal,
     VampPrior,
 )
-from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior, Posterior, TopDown
+from vae.core.gated_conv import GatedConvDecoder, GatedConvEncoder
+from vae.core.hierarchy import (
+    HierarchicalPosterior,
+    HierarchicalPrior,
+    Posterior,
+    SharedTopDown,
+    TopDown,
+)
 from vae.core.layers import Encoder, SequentialEncoder, activation, mlp_layers
 from vae.core.resnet import ResNetDecoder, ResNetEncoder
 
@@ -136,15 +143,18 @@ class VAE(nn.Module):
         else:
             if image_shape[1] % 4 or image_shape[2] % 4:
                 raise ValueError(
-                    f"model.arch: 'conv' needs height and width divisible by 4, "
+                    f"model.arch: {cfg.arch!r} needs height and width divisible by 4, "
                     f"got {image_shape[1:]}"
                 )
             sizes = (self.image_shape, cfg.conv_channels, cfg.hidden_dim)
-            self.encoder = _ConvEncoder(*sizes, d, cfg.activation)
-            self.decoder = _ConvDecoder(*sizes, z, cfg.activation)
-        if cfg.latent_layers == 2:  # every encoder's last hidden layer is hidden_dim wide
-            gated = cfg.arch == "gated_mlp"
-            self.top_down = TopDown(cfg.hidden_dim, d, cfg.hidden_dim, cfg.activation, gated)
+            if cfg.arch == "gated_conv":
+                self.encoder = GatedConvEncoder(self.image_shape, cfg.conv_channels, d)
+                self.decoder = GatedConvDecoder(*sizes, d, cfg.latent_layers)
+            else:
+                self.encoder = _ConvEncoder(*sizes, d, cfg.activation)
+                self.decoder = _ConvDecoder(*sizes, z, cfg.activation)
+        if cfg.latent_layers == 2:
+            self.top_down = self._top_down(cfg)
         if cfg.likelihood == "gaussian":
             shape = self.image_shape if cfg.gaussian_variance == "per_pixel" else (1, 1, 1)
             self.decoder_logvar = nn.Parameter(torch.zeros(shape))
@@ -162,13 +172,26 @@ class VAE(nn.Module):
         else:
             super().__setattr__(name, value)
 
+    def _top_down(self, cfg: ModelConfig) -> TopDown:
+        """The lower layer's conditionals q(z1|x, z2) and p(z1|z2) (vae/core/hierarchy.py)."""
+        gated = cfg.arch in ("gated_mlp", "gated_conv")
+        d, act = cfg.latent_dim, cfg.activation
+        if cfg.lower_inference == "branch":
+            return TopDown(math.prod(self.image_shape), d, cfg.hidden_dim, act, gated)
+        features = getattr(self.encoder, "feature_dim", cfg.hidden_dim)  # the head's input
+        return SharedTopDown(features, d, cfg.hidden_dim, act, gated)
+
     def encode(self, x: torch.Tensor) -> Posterior:
         """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""
         h = self.encoder.features(x)  # (B, F): the features under the head
         top = DiagonalGaussian(*self.encoder.head(h).float().chunk(2, dim=-1))  # each (B, D)
         if self.cfg.latent_layers == 1:
             return top
-        return HierarchicalPosterior(top, h, self.top_down.posterior)
+        return HierarchicalPosterior(top, self.top_down.features(x, h), self.top_down.posterior)
+
+    def _encode_top(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z2|x) alone (q(z|x) for one layer): what the VampPrior's pseudo-inputs need."""
+        return DiagonalGaussian(*self.encoder(x).float().chunk(2, dim=-1))
 
     def prior(self) -> Prior | HierarchicalPrior:
         """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``); with
@@ -176,8 +199,7 @@ class VAE(nn.Module):
         if self.cfg.prior == "standard":
             top: Prior = StandardNormal(self.cfg.latent_dim)
         else:
-            q = self.encode(torch.sigmoid(self.pseudo_inputs))
-            top = VampPrior(q.top if isinstance(q, HierarchicalPosterior) else q)
+            top = VampPrior(self._encode_top(torch.sigmoid(self.pseudo_inputs)))
         if self.cfg.latent_layers == 1:
             return top
         return HierarchicalPrior(top, self.top_down.prior)

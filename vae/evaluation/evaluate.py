@@ -27,7 +27,7 @@ import torch
 
 from vae.config import EvaluateConfig
 from vae.core.distributions import DiagonalGaussian, Likelihood, Prior
-from vae.core.hierarchy import HierarchicalPrior
+from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior
 from vae.core.model import VAE, eval_mode
 
 __all__ = ["LatentVariableModel", "active_units", "evaluate", "iwae_log_likelihood"]
@@ -98,13 +98,24 @@ def active_units(
     """Count the latent units in use (Burda et al. 2016, section 5.2).
 
     Unit u is active when A_u = Cov_x(E_q[z_u|x]) > ``threshold``: the posterior mean of u moves
-    with the input. x_all (N, C, H, W) is encoded ``batch_size`` images at a time. Returns the
-    count and the variances A_u, (D,) float64 (population variance over the N images).
+    with the input. With two layers, a unit of the lower layer is measured against what the
+    top layer already says of it: A_u = Cov_x(E_q[z1_u | x, m2] - E_p[z1_u | m2]) at m2 =
+    E q(z2|x), so a z1 that only copies p(z1|z2) counts as inactive however its mean moves.
+    x_all (N, C, H, W) is encoded ``batch_size`` images at a time. Returns the count and the
+    variances A_u, (D,) float64 (population variance over the N images).
     """
-    mu = torch.cat(
-        [model.encode(x_all[i : i + batch_size]).mean for i in range(0, len(x_all), batch_size)]
-    ).double()  # (N, D)
-    variances = mu.var(0, unbiased=False)  # (D,)
+    prior = None  # p(z1|z2), built once when there are two layers
+    mus = []
+    for i in range(0, len(x_all), batch_size):
+        q = model.encode(x_all[i : i + batch_size])
+        mu = q.mean  # (B, D)
+        if isinstance(q, HierarchicalPosterior):
+            prior = model.prior() if prior is None else prior
+            assert isinstance(prior, HierarchicalPrior)
+            m2 = q.top.mean  # (B, D2)
+            mu = torch.cat([mu[:, : -m2.shape[-1]] - prior.lower(m2).mean, m2], dim=-1)
+        mus.append(mu)
+    variances = torch.cat(mus).double().var(0, unbiased=False)  # (D,)
     return int((variances > threshold).sum()), variances
 
 
@@ -129,8 +140,8 @@ def evaluate(model: VAE, x_all: torch.Tensor, cfg: EvaluateConfig) -> dict[str, 
       layers).
     - ``kl_per_layer`` and ``active_units_per_layer`` (``model.latent_layers: 2``): [z1, z2],
       bottom layer first; the KL terms E[log q(z1|x,z2) - log p(z1|z2)] and
-      E[log q(z2|x) - log p(z2)], Monte Carlo over the K samples, sum to ``kl``. Null for one
-      layer.
+      E[log q(z2|x) - log p(z2)], Monte Carlo over the K samples, sum to ``kl``; a lower-layer
+      unit is active by what it adds to p(z1|z2) (:func:`active_units`). Null for one layer.
     - ``n_images``, ``iw_samples``, ``seconds`` (wall time) and ``images_x_samples_per_second``.
     """
     if cfg.max_images:  # a fixed subset: the split's first images, whatever the seed
