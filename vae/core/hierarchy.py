@@ -32,7 +32,14 @@ from torch import nn
 from vae.core.distributions import DiagonalGaussian, Prior
 from vae.core.layers import Gated, activation, mlp_layers
 
-__all__ = ["HierarchicalPosterior", "HierarchicalPrior", "Posterior", "SharedTopDown", "TopDown"]
+__all__ = [
+    "HierarchicalPosterior",
+    "HierarchicalPrior",
+    "LowerLayer",
+    "Posterior",
+    "SharedTopDown",
+    "TopDown",
+]
 
 Conditional = Callable[..., DiagonalGaussian]
 
@@ -47,9 +54,29 @@ def _unit(n_in: int, n_out: int, act: str, gated: bool) -> nn.Module:
     return Gated(n_in, n_out) if gated else nn.Sequential(nn.Linear(n_in, n_out), activation(act))
 
 
-class TopDown(nn.Module):
-    """The lower layer's two conditionals as the VampPrior paper's HVAE builds them
-    (``model.lower_inference: branch``):
+class LowerLayer(nn.Module):
+    """The lower layer's two conditionals, q(z1 | x, z2) and p(z1 | z2)."""
+
+    p_net: nn.Sequential
+
+    def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
+        """What q(z1|x, z2) reads of x, (B, F), from the images and the encoder's features."""
+        raise NotImplementedError
+
+    def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
+        """q(z1 | x, z2): h (..., F) from :meth:`features`, z2 (..., D), same leading dims."""
+        raise NotImplementedError
+
+    def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
+        """p(z1 | z2) for z2 (..., D)."""
+        # The evaluation's codes are float64 (vae.evaluation.evaluate); the network runs in its own
+        # dtype.
+        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)))
+
+
+class TopDown(LowerLayer):
+    """The conditionals as the VampPrior paper's HVAE builds them (``model.lower_inference:
+    branch``):
 
     - q(z1 | x, z2): x through a branch of its own (one hidden layer over the pixels), z2
       through one hidden layer, the two joined by a third, then the Gaussian's head;
@@ -68,28 +95,20 @@ class TopDown(nn.Module):
         self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 2, 2 * latent, act, gated))
 
     def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
-        """What q(z1|x, z2) reads of x: its own branch, (B, hidden)."""
-        return self.q_x(x)
+        return self.q_x(x)  # (B, hidden): computed once, whatever the samples of z2
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        """q(z1 | x, z2): h (..., hidden) from :meth:`features`, z2 (..., D), same leading dims."""
         return _gaussian(self.q_joint(torch.cat([h, self.q_z2(z2.to(h.dtype))], dim=-1)))
 
-    def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
-        """p(z1 | z2) for z2 (..., D)."""
-        # The evaluation's codes are float64 (vae.evaluation.evaluate); the network runs in its own
-        # dtype.
-        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)))
 
-
-class SharedTopDown(TopDown):
+class SharedTopDown(LowerLayer):
     """The first two-layer design (``model.lower_inference: shared``, what models saved before
     the key meant): q(z1 | h(x), z2) reads the encoder's last hidden features, and both
     conditionals have one hidden layer. Its lower layer collapsed (docs/models.md); it stays so
     those models load."""
 
     def __init__(self, features: int, latent: int, hidden: int, act: str, gated: bool) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.q_net = nn.Sequential(
             *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
         )

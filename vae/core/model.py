@@ -40,6 +40,7 @@ from vae.core.gated_conv import GatedConvDecoder, GatedConvEncoder
 from vae.core.hierarchy import (
     HierarchicalPosterior,
     HierarchicalPrior,
+    LowerLayer,
     Posterior,
     SharedTopDown,
     TopDown,
@@ -172,7 +173,7 @@ class VAE(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def _top_down(self, cfg: ModelConfig) -> TopDown:
+    def _top_down(self, cfg: ModelConfig) -> LowerLayer:
         """The lower layer's conditionals q(z1|x, z2) and p(z1|z2) (vae/core/hierarchy.py)."""
         gated = cfg.arch in ("gated_mlp", "gated_conv")
         d, act = cfg.latent_dim, cfg.activation
