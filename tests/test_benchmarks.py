@@ -102,3 +102,16 @@ def test_gpu_frontier_script_runs_with_torch_and_yaml_alone(project: Path) -> No
     ev = report["evaluation"]
     assert ev["iw_samples"] == 8 and ev["n_images"] == 10 and 0 < ev["nll_iw"] <= -ev["elbo"]
     assert "conv-hvae on cpu:" in proc.stdout and "nats at K = 8" in proc.stdout
+
+
+def test_epoch_time_script_runs(project: Path) -> None:
+    write_idx_dataset(project / "data" / "raw", n_train=300, n_test=20)
+    assert main(["-q", "prepare"]) == 0
+    script = ROOT / "benchmarks" / "epoch_time.py"
+    args = [str(script), "default", "hvae", "--epochs", "1", "--data", "data/prepared"]
+    proc = _run([*args, "--set", "train.batch_size=64"], project)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["| default", "| hvae"]
+    assert [r[2] for r in rows] == ["70", "550"]  # params.yaml's epochs, and the preset's
+    assert all(float(r[1]) > 0 for r in rows)
