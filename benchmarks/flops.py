@@ -1,6 +1,7 @@
 """Multiply-adds per image of each preset's model: one training step's forward pass (encode, the
 prior's pseudo-inputs amortised over the batch, decode) and one decoder pass, counted by
-``torch.utils.flop_counter`` on the CPU. No data and no training: it runs in seconds::
+``torch.utils.flop_counter`` on the meta device (shapes only, nothing computed). No data and no
+training: it runs in seconds::
 
     python benchmarks/flops.py                 # every preset, and the default (params.yaml)
     python benchmarks/flops.py conv-hvae hvae  # some of them
@@ -35,11 +36,10 @@ def _count(fn: Callable[[], object]) -> int:
 def macs_per_image(overrides: dict) -> tuple[float, float, int]:
     """(forward MACs, decoder MACs, parameters) per image of the model ``overrides`` make."""
     raw = apply_preset(yaml.safe_load((ROOT / "params.yaml").read_text()), overrides)
-    model = VAE(parse_params(raw).model, (1, 28, 28)).eval()
-    x = torch.rand(BATCH, 1, 28, 28)
-    with torch.no_grad():
-        forward = _count(lambda: model(x, generator=torch.Generator().manual_seed(0)))
-        z = torch.zeros(BATCH, model.code_dim)
+    with torch.device("meta"):  # shapes only: nothing is computed, so it takes no time
+        model = VAE(parse_params(raw).model, (1, 28, 28)).eval()
+        x, z = torch.empty(BATCH, 1, 28, 28), torch.empty(BATCH, model.code_dim)
+        forward = _count(lambda: model(x, eps=z))
         decode = _count(lambda: model.decode(z))
     params = sum(p.numel() for p in model.parameters())
     return forward / 2 / BATCH, decode / 2 / BATCH, params  # FLOPs count a MAC as 2

@@ -115,3 +115,12 @@ def test_epoch_time_script_runs(project: Path) -> None:
     assert [r[0] for r in rows] == ["| default", "| hvae"]
     assert [r[2] for r in rows] == ["70", "550"]  # params.yaml's epochs, and the preset's
     assert all(float(r[1]) > 0 for r in rows)
+
+
+def test_flops_script_counts_each_preset() -> None:
+    proc = _run([str(ROOT / "benchmarks" / "flops.py"), "default", "conv-hvae"], ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r.split(" | ")[0].strip("| "): r.split(" | ") for r in proc.stdout.splitlines()[2:]}
+    assert set(rows) == {"default", "conv-hvae"}
+    mlp, conv = (float(rows[n][2].removesuffix(" M").replace(",", "")) for n in rows)
+    assert 1 < mlp < 2 and conv > 100 * mlp  # the gated MLP, and the ConvHVAE for a GPU
