@@ -223,3 +223,26 @@ def test_two_layers_through_every_stage(prepared: Path) -> None:  # noqa: F811
         assert density.sample(3, torch.Generator().manual_seed(0)).shape == (3, 8)
     sets = json.loads(Path("metrics/quality.json").read_text())["sets"]
     assert all(math.isfinite(m["fid"]) for m in sets.values())
+
+
+def test_the_papers_layout_bounds_every_log_variance() -> None:
+    """Every Gaussian of the branch layout (q(z2|x), the pseudo-inputs' components, q(z1|x, z2),
+    p(z1|z2)) has logvar in [-6, 2], as the paper's code bounds them; one layer and the first
+    design keep the wide [-30, 20]. An image the encoder maps far out cannot draw z2 with a
+    standard deviation of e^10, as one training image did in a seed of the hvae preset."""
+    x = _batch() * 1e4  # drive every pre-activation far out
+    for layout, (lo, hi) in (("branch", (-6.0, 2.0)), ("shared", (-30.0, 20.0))):
+        model = _vae(arch="mlp", prior="vamp", pseudo_inputs=4, lower_inference=layout)
+        with torch.no_grad():
+            for layer in model.modules():  # push the heads' log-variances both ways
+                if isinstance(layer, torch.nn.Linear) and layer.out_features == 6:
+                    layer.bias[3:] = torch.tensor([1e3, -1e3, 0.0])
+            q, prior = model.encode(x), model.prior()
+            z = q.sample(torch.Generator().manual_seed(0))
+            for g in (q.top, q._lower_at(z[:, 3:]), prior.top.components, prior.lower(z[:, 3:])):
+                assert g.logvar.min() >= lo and g.logvar.max() <= hi
+                assert g.logvar.max() == hi and g.logvar.min() == lo, layout
+    one = VAE(mlp_config(latent_dim=3, hidden_dim=8), SHAPE)
+    with torch.no_grad():
+        one.encoder.net[-1].bias[3:] = 1e3
+        assert one.encode(_batch()).logvar.max() == 20.0

@@ -26,11 +26,17 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 
 class DiagonalGaussian:
-    """N(mean, diag(exp(logvar))); logvar is clamped to [-30, 20] so exp() stays finite."""
+    """N(mean, diag(exp(logvar))); logvar is clamped to ``logvar_range``, by default [-30, 20]
+    so exp() stays finite (the two-layer model bounds it tighter, vae/core/hierarchy.py)."""
 
-    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+    def __init__(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        logvar_range: tuple[float, float] = (-30.0, 20.0),
+    ) -> None:
         self.mean = mean
-        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.logvar = logvar.clamp(*logvar_range)
 
     @property
     def std(self) -> torch.Tensor:

@@ -33,6 +33,7 @@ from vae.core.distributions import DiagonalGaussian, Prior
 from vae.core.layers import Gated, activation, mlp_layers
 
 __all__ = [
+    "PAPER_LOGVAR",
     "HierarchicalPosterior",
     "HierarchicalPrior",
     "LowerLayer",
@@ -44,9 +45,19 @@ __all__ = [
 Conditional = Callable[..., DiagonalGaussian]
 
 
-def _gaussian(h: torch.Tensor) -> DiagonalGaussian:
+# The log-variances of every Gaussian of the paper's two-layer layout, as its code bounds them
+# (a hardtanh): std in [0.05, 2.7]. With the wide default a training image's q(z2|x) reached
+# logvar 20 (std 22,000; a clamp passes no gradient back) in one seed of the hvae preset, and
+# p(z1|z2) at those z2 gave a KL of 10^24 nats at every epoch after.
+PAPER_LOGVAR = (-6.0, 2.0)
+WIDE_LOGVAR = (-30.0, 20.0)  # every other Gaussian's, and the first design's
+
+
+def _gaussian(
+    h: torch.Tensor, logvar_range: tuple[float, float] = PAPER_LOGVAR
+) -> DiagonalGaussian:
     mean, logvar = h.float().chunk(2, dim=-1)
-    return DiagonalGaussian(mean, logvar)
+    return DiagonalGaussian(mean, logvar, logvar_range)
 
 
 def _unit(n_in: int, n_out: int, act: str, gated: bool) -> nn.Module:
@@ -118,7 +129,10 @@ class SharedTopDown(LowerLayer):
         return encoder_features
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)))
+        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)), WIDE_LOGVAR)
+
+    def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
+        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)), WIDE_LOGVAR)
 
 
 def _split(z: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ from vae.core.distributions import (
 )
 from vae.core.gated_conv import GatedConvDecoder, GatedConvEncoder
 from vae.core.hierarchy import (
+    PAPER_LOGVAR,
     HierarchicalPosterior,
     HierarchicalPrior,
     LowerLayer,
@@ -185,14 +186,25 @@ class VAE(nn.Module):
     def encode(self, x: torch.Tensor) -> Posterior:
         """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""
         h = self.encoder.features(x)  # (B, F): the features under the head
-        top = DiagonalGaussian(*self.encoder.head(h).float().chunk(2, dim=-1))  # each (B, D)
+        top = self._top_gaussian(self.encoder.head(h))  # (B, D)
         if self.cfg.latent_layers == 1:
             return top
         return HierarchicalPosterior(top, self.top_down.features(x, h), self.top_down.posterior)
 
     def _encode_top(self, x: torch.Tensor) -> DiagonalGaussian:
         """q(z2|x) alone (q(z|x) for one layer): what the VampPrior's pseudo-inputs need."""
-        return DiagonalGaussian(*self.encoder(x).float().chunk(2, dim=-1))
+        return self._top_gaussian(self.encoder(x))
+
+    def _top_gaussian(self, head: torch.Tensor) -> DiagonalGaussian:
+        """The encoder head's (B, 2D) as q(z|x), or q(z2|x); the paper's two-layer layout bounds
+        its log-variance as it does its other Gaussians'."""
+        mean, logvar = head.float().chunk(2, dim=-1)
+        paper = self.cfg.latent_layers == 2 and self.cfg.lower_inference == "branch"
+        return (
+            DiagonalGaussian(mean, logvar, PAPER_LOGVAR)
+            if paper
+            else DiagonalGaussian(mean, logvar)
+        )
 
     def prior(self) -> Prior | HierarchicalPrior:
         """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``); with
