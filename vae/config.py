@@ -139,6 +139,11 @@ class TrainConfig:
     free_bits: float | tuple[float, ...] = field(default=0.0, metadata=_range(ge=0.0))
     # The max gradient norm (0 = off); typical norms are 20-80, so 200 only catches spikes.
     grad_clip: float = field(default=200.0, metadata=_range(ge=0.0))
+    # Skip the step (the optimiser's and the EMA's) of a batch whose gradient norm before
+    # clipping is above this, or not finite (0 = off), as VDVAE does: one training image that
+    # q(z2|x) maps far outside the prior's reach gives p(z1|z2) nonsense there and a KL of 1e10
+    # nats, and its clipped gradient still kicks Adam at every epoch (docs/models.md).
+    skip_grad_norm: float = field(default=0.0, metadata=_range(ge=0.0))
     # elbo: minimise -ELBO; iwae: minimise -L_K, the importance-weighted bound with K = iw_k.
     objective: Literal["elbo", "iwae"] = "elbo"
     iw_k: int = field(default=5, metadata=_range(ge=1, le=10000))

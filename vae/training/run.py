@@ -43,7 +43,8 @@ class Run:
     rank: int = 0
     world: int = 1
     epoch: int = 0  # completed epochs
-    step: int = 0  # completed optimiser steps
+    step: int = 0  # completed batches (steps, skipped ones included)
+    skipped: int = 0  # batches of this epoch whose step train.skip_grad_norm skipped
     history: list[dict[str, float]] = field(default_factory=list)
     best_loss: float = math.inf  # the best validation objective so far, of epoch best_epoch
     best_epoch: int = -1

@@ -34,7 +34,7 @@ from vae.training.numerics import autocast_for, flush_denormals
 from vae.training.run import Run, TrainResult
 from vae.training.tracking import Tracker
 
-__all__ = ["NonFiniteLossError", "lr_at", "train"]
+__all__ = ["NonFiniteLossError", "SkippedEveryStepError", "lr_at", "train"]
 
 log = logging.getLogger(__name__)
 TERMS = ("loss", "elbo", "recon", "kl")
@@ -42,6 +42,10 @@ TERMS = ("loss", "elbo", "recon", "kl")
 
 class NonFiniteLossError(PermanentError, RuntimeError):
     """The loss became NaN or inf; the message names the first bad step."""
+
+
+class SkippedEveryStepError(PermanentError, RuntimeError):
+    """``train.skip_grad_norm`` skipped every step of an epoch: it is below every norm."""
 
 
 def lr_at(step: int, total_steps: int, lr: float, decay: float) -> float:
@@ -201,6 +205,7 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     shard = slice(run.rank, None, run.world)  # this rank's rows of every global batch
     total_steps = run.n_batches * tc.epochs
+    run.skipped = 0
     for i in range(run.n_batches):
         idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]  # the global batch (B,)
         # Noise is drawn for the whole global batch and sliced, so N ranks see exactly the
@@ -233,6 +238,7 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
             f"kept the last good checkpoint {ckpt_path} (epoch {run.epoch}). "
             "Lower train.lr, set train.grad_clip, or check the data"
         )
+    _check_skipped(run)
     val = evaluate_elbo(
         run.evaluated,
         run.x_val,
@@ -252,6 +258,25 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
     return row
 
 
+def _check_skipped(run: Run) -> None:
+    """Say how many steps ``train.skip_grad_norm`` skipped this epoch; stop if it was all."""
+    if not run.skipped:
+        return
+    limit = run.cfg.train.skip_grad_norm
+    if run.skipped == run.n_batches:
+        raise SkippedEveryStepError(
+            f"train.skip_grad_norm: every step of epoch {run.epoch + 1} had a gradient norm "
+            f"above {limit:g}, so nothing trained; raise it, or set 0 to turn skipping off"
+        )
+    log.warning(
+        "epoch %d: skipped %d of %d steps (gradient norm above train.skip_grad_norm=%g)",
+        run.epoch + 1,
+        run.skipped,
+        run.n_batches,
+        limit,
+    )
+
+
 def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> torch.Tensor:
     """One optimiser step on batch ``x``; returns the detached (loss, elbo, recon, kl)."""
     tc = run.cfg.train
@@ -263,8 +288,12 @@ def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> tor
         terms = objective_terms(x, run.net(x, eps=eps), tc.objective, w, tc.free_bits)
     run.opt.zero_grad(set_to_none=True)
     terms.loss.backward()
-    if tc.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip)
+    if tc.grad_clip > 0 or tc.skip_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or math.inf)
+        # The one host sync per step, only when skipping is on; NaN compares False: skipped
+        if tc.skip_grad_norm > 0 and not bool(norm <= tc.skip_grad_norm):
+            run.skipped += 1
+            return torch.stack(terms).detach().float()  # no step: the weights stay as they were
     run.opt.step()
     if run.ema is not None:
         run.ema.update(run.model, run.step)
@@ -280,6 +309,7 @@ def _epoch_row(run: Run, train_terms: list[float], val: LossTerms, seconds: floa
         "lr": run.opt.param_groups[0]["lr"],
     }
     row.update({f"train_{k}": v for k, v in zip(TERMS, train_terms, strict=True)})
+    row["skipped_steps"] = run.skipped
     row.update({f"val_{k}": float(v) for k, v in zip(TERMS, val, strict=True)})
     row["val_nelbo"] = -row["val_elbo"]
     row["seconds"] = seconds
