@@ -71,6 +71,7 @@ _BEFORE_THE_KEY = {
     "prior": "standard",
     "latent_layers": 1,
     "lower_inference": "shared",
+    "mean_bound": 0.0,
 }
 
 
@@ -103,6 +104,10 @@ class ModelConfig:
     # features, one hidden layer each (the first design, whose z1 collapsed; models saved before
     # the key).
     lower_inference: Literal["branch", "shared"] = "branch"
+    # A soft bound B on the mean of every Gaussian of q(z|x) and p(z1|z2): B * tanh(mean / B),
+    # near the identity well inside B (0 = off). In the hvae preset one image's q(z2|x) mean
+    # reached 46 and the lower conditionals extrapolated to means of thousands (docs/models.md).
+    mean_bound: float = field(default=0.0, metadata=_range(ge=0.0, le=1e6))
 
     @property
     def code_dim(self) -> int:

@@ -246,3 +246,37 @@ def test_the_papers_layout_bounds_every_log_variance() -> None:
     with torch.no_grad():
         one.encoder.net[-1].bias[3:] = 1e3
         assert one.encode(_batch()).logvar.max() == 20.0
+
+
+def test_mean_bound_softly_bounds_every_gaussians_mean(tmp_path: Path) -> None:
+    """With model.mean_bound B, every Gaussian of q(z|x) and p(z) (q(z2|x), the pseudo-inputs'
+    components, q(z1|x, z2), p(z1|z2)) has mean B * tanh(raw / B): never past B, where in a seed
+    of the hvae preset one image's q(z2|x) mean reached 46 and the lower conditionals 6,000.
+    The densities stay the Normal of the bounded mean; a model saved before the key loads
+    unbounded."""
+    from vae.config import DataConfig
+    from vae.training.checkpoint import save_model
+
+    x = _batch() * 1e4  # drive every pre-activation far out
+    model = _vae(arch="mlp", prior="vamp", pseudo_inputs=4, mean_bound=3.0)
+    with torch.no_grad():
+        for layer in model.modules():  # push the heads' means far out, both ways
+            if isinstance(layer, torch.nn.Linear) and layer.out_features == 6:
+                layer.bias[:3] = torch.tensor([1e3, -1e3, 0.0])
+        q, prior = model.encode(x), model.prior()
+        z = q.sample(torch.Generator().manual_seed(0))
+        td, z2 = model.top_down, z[:, 3:]
+        for g in (q.top, q._lower_at(z2), prior.top.components, prior.lower(z2)):
+            assert g.mean.abs().max() <= 3.0 and g.mean.abs().max() > 2.9
+        raw = td.p_net(z2).chunk(2, -1)
+        p1 = D.Independent(D.Normal(3.0 * torch.tanh(raw[0] / 3.0), torch.exp(0.5 * raw[1])), 1)
+        torch.testing.assert_close(prior.lower(z2).log_prob(z[:, :3]), p1.log_prob(z[:, :3]))
+        # well inside B it is near the identity: |tanh(u) - u| <= u^3 / 3
+        small = _vae(arch="mlp", mean_bound=100.0).encode(_batch()).top.mean
+        free = _vae(arch="mlp").encode(_batch()).top.mean
+        torch.testing.assert_close(small, free, atol=1e-4, rtol=1e-4)
+    save_model(tmp_path / "model.pt", _vae(arch="mlp"), DataConfig(), {})
+    obj = torch.load(tmp_path / "model.pt", weights_only=True)
+    del obj["params"]["model"]["mean_bound"]  # as models saved before the key were written
+    torch.save(obj, tmp_path / "model.pt")
+    assert load_model(tmp_path / "model.pt")[0].cfg.mean_bound == 0.0

@@ -27,15 +27,20 @@ LOG_2PI = math.log(2.0 * math.pi)
 
 class DiagonalGaussian:
     """N(mean, diag(exp(logvar))); logvar is clamped to ``logvar_range``, by default [-30, 20]
-    so exp() stays finite (the two-layer model bounds it tighter, vae/core/hierarchy.py)."""
+    so exp() stays finite (the two-layer model bounds it tighter, vae/core/hierarchy.py).
+
+    With ``mean_bound`` B > 0 the mean is B * tanh(mean / B): smooth, near the identity well
+    inside B, and never past it (NVAE's soft clamp; ``model.mean_bound``).
+    """
 
     def __init__(
         self,
         mean: torch.Tensor,
         logvar: torch.Tensor,
         logvar_range: tuple[float, float] = (-30.0, 20.0),
+        mean_bound: float = 0.0,
     ) -> None:
-        self.mean = mean
+        self.mean = mean_bound * torch.tanh(mean / mean_bound) if mean_bound > 0 else mean
         self.logvar = logvar.clamp(*logvar_range)
 
     @property

@@ -34,6 +34,7 @@ from vae.core.layers import Gated, activation, mlp_layers
 
 __all__ = [
     "PAPER_LOGVAR",
+    "WIDE_LOGVAR",
     "HierarchicalPosterior",
     "HierarchicalPrior",
     "LowerLayer",
@@ -54,10 +55,10 @@ WIDE_LOGVAR = (-30.0, 20.0)  # every other Gaussian's, and the first design's
 
 
 def _gaussian(
-    h: torch.Tensor, logvar_range: tuple[float, float] = PAPER_LOGVAR
+    h: torch.Tensor, logvar_range: tuple[float, float] = PAPER_LOGVAR, mean_bound: float = 0.0
 ) -> DiagonalGaussian:
     mean, logvar = h.float().chunk(2, dim=-1)
-    return DiagonalGaussian(mean, logvar, logvar_range)
+    return DiagonalGaussian(mean, logvar, logvar_range, mean_bound)
 
 
 def _unit(n_in: int, n_out: int, act: str, gated: bool) -> nn.Module:
@@ -69,6 +70,7 @@ class LowerLayer(nn.Module):
     """The lower layer's two conditionals, q(z1 | x, z2) and p(z1 | z2)."""
 
     p_net: nn.Sequential
+    mean_bound: float = 0.0  # ``model.mean_bound``: soft bound on both conditionals' means
 
     def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
         """What q(z1|x, z2) reads of x, (B, F), from the images and the encoder's features."""
@@ -82,7 +84,8 @@ class LowerLayer(nn.Module):
         """p(z1 | z2) for z2 (..., D)."""
         # The evaluation's codes are float64 (vae.evaluation.evaluate); the network runs in its own
         # dtype.
-        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)))
+        h = self.p_net(z2.to(next(self.p_net.parameters()).dtype))
+        return _gaussian(h, mean_bound=self.mean_bound)
 
 
 class TopDown(LowerLayer):
@@ -96,8 +99,11 @@ class TopDown(LowerLayer):
     Every hidden layer is ``hidden`` wide, gated for the gated architectures.
     """
 
-    def __init__(self, pixels: int, latent: int, hidden: int, act: str, gated: bool) -> None:
+    def __init__(
+        self, pixels: int, latent: int, hidden: int, act: str, gated: bool, mean_bound: float = 0.0
+    ) -> None:
         super().__init__()
+        self.mean_bound = mean_bound
         self.q_x = nn.Sequential(nn.Flatten(), _unit(pixels, hidden, act, gated))
         self.q_z2 = _unit(latent, hidden, act, gated)
         self.q_joint = nn.Sequential(
@@ -109,7 +115,8 @@ class TopDown(LowerLayer):
         return self.q_x(x)  # (B, hidden): computed once, whatever the samples of z2
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        return _gaussian(self.q_joint(torch.cat([h, self.q_z2(z2.to(h.dtype))], dim=-1)))
+        joint = self.q_joint(torch.cat([h, self.q_z2(z2.to(h.dtype))], dim=-1))
+        return _gaussian(joint, mean_bound=self.mean_bound)
 
 
 class SharedTopDown(LowerLayer):
@@ -118,8 +125,17 @@ class SharedTopDown(LowerLayer):
     conditionals have one hidden layer. Its lower layer collapsed (docs/models.md); it stays so
     those models load."""
 
-    def __init__(self, features: int, latent: int, hidden: int, act: str, gated: bool) -> None:
+    def __init__(
+        self,
+        features: int,
+        latent: int,
+        hidden: int,
+        act: str,
+        gated: bool,
+        mean_bound: float = 0.0,
+    ) -> None:
         super().__init__()
+        self.mean_bound = mean_bound
         self.q_net = nn.Sequential(
             *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
         )
@@ -129,10 +145,12 @@ class SharedTopDown(LowerLayer):
         return encoder_features
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        return _gaussian(self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1)), WIDE_LOGVAR)
+        h = self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1))
+        return _gaussian(h, WIDE_LOGVAR, self.mean_bound)
 
     def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
-        return _gaussian(self.p_net(z2.to(next(self.p_net.parameters()).dtype)), WIDE_LOGVAR)
+        h = self.p_net(z2.to(next(self.p_net.parameters()).dtype))
+        return _gaussian(h, WIDE_LOGVAR, self.mean_bound)
 
 
 def _split(z: torch.Tensor, d1: int) -> tuple[torch.Tensor, torch.Tensor]:

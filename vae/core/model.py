@@ -39,6 +39,7 @@ from vae.core.distributions import (
 from vae.core.gated_conv import GatedConvDecoder, GatedConvEncoder
 from vae.core.hierarchy import (
     PAPER_LOGVAR,
+    WIDE_LOGVAR,
     HierarchicalPosterior,
     HierarchicalPrior,
     LowerLayer,
@@ -177,11 +178,11 @@ class VAE(nn.Module):
     def _top_down(self, cfg: ModelConfig) -> LowerLayer:
         """The lower layer's conditionals q(z1|x, z2) and p(z1|z2) (vae/core/hierarchy.py)."""
         gated = cfg.arch in ("gated_mlp", "gated_conv")
-        d, act = cfg.latent_dim, cfg.activation
+        d, act, bound = cfg.latent_dim, cfg.activation, cfg.mean_bound
         if cfg.lower_inference == "branch":
-            return TopDown(math.prod(self.image_shape), d, cfg.hidden_dim, act, gated)
+            return TopDown(math.prod(self.image_shape), d, cfg.hidden_dim, act, gated, bound)
         features = getattr(self.encoder, "feature_dim", cfg.hidden_dim)  # the head's input
-        return SharedTopDown(features, d, cfg.hidden_dim, act, gated)
+        return SharedTopDown(features, d, cfg.hidden_dim, act, gated, bound)
 
     def encode(self, x: torch.Tensor) -> Posterior:
         """x (B, C, H, W) in [0, 1] -> q(z|x); with two layers, q(z2|x) q(z1|x, z2)."""
@@ -200,11 +201,8 @@ class VAE(nn.Module):
         its log-variance as it does its other Gaussians'."""
         mean, logvar = head.float().chunk(2, dim=-1)
         paper = self.cfg.latent_layers == 2 and self.cfg.lower_inference == "branch"
-        return (
-            DiagonalGaussian(mean, logvar, PAPER_LOGVAR)
-            if paper
-            else DiagonalGaussian(mean, logvar)
-        )
+        logvar_range = PAPER_LOGVAR if paper else WIDE_LOGVAR
+        return DiagonalGaussian(mean, logvar, logvar_range, self.cfg.mean_bound)
 
     def prior(self) -> Prior | HierarchicalPrior:
         """p(z): N(0, I), or the VampPrior of the learned pseudo-inputs (``model.prior``); with
