@@ -11,7 +11,7 @@ import torch
 from torch import distributions as D
 
 from tests.conftest import mlp_config, write_params
-from tests.training.test_train import prepared  # noqa: F401  (the fixture)
+from tests.training.conftest import prepared  # noqa: F401  (the fixture)
 from vae.cli import main
 from vae.config import ConfigError, EvaluateConfig
 from vae.core.hierarchy import HierarchicalPosterior, HierarchicalPrior, SharedTopDown

@@ -10,24 +10,20 @@ import pytest
 import torch
 
 import vae.training.train
-from vae.cli import main
+from tests.training.conftest import prepared_splits, train_cfg
+from vae.config import Config
 from vae.core.losses import LossTerms
-from vae.data.splits import batch_to_float, load_split
-from vae.params import load_params, parse_params
+from vae.data.splits import Split, batch_to_float
 from vae.training.train import SkippedEveryStepError, _setup, _step, draw_eps, train
 
 
 @pytest.fixture
-def splits(project: Path):
-    assert main(["-q", "prepare"]) == 0
-    prepared = project / "data" / "prepared"
-    return load_split(prepared / "train.pt"), load_split(prepared / "val.pt")
+def splits(prepared: Path) -> tuple[Split, Split]:
+    return prepared_splits(prepared)
 
 
-def _cfg(**train_params: object):
-    base = load_params("params.yaml").to_dict()
-    base["train"].update({"ema_decay": 0.9, **train_params})
-    return parse_params(base)
+def _cfg(**train_params: object) -> Config:
+    return train_cfg(**{"ema_decay": 0.9, **train_params})
 
 
 def _scaled_loss(monkeypatch: pytest.MonkeyPatch, factor: float, calls: set[int]) -> None:

@@ -11,31 +11,15 @@ import torch
 import vae.training.checkpoint
 import vae.training.train
 from tests.conftest import mlp_config, write_params
+from tests.training.conftest import prepared_splits, train_cfg
 from vae.cli import main
 from vae.config import ConfigError
 from vae.core.losses import LossTerms
-from vae.data.splits import load_split
 from vae.params import load_params, parse_params
 from vae.training.callbacks import image_grid
 from vae.training.checkpoint import CheckpointError, load_checkpoint, load_model
 from vae.training.tracking import NullTracker
 from vae.training.train import NonFiniteLossError, lr_at, train
-
-
-@pytest.fixture
-def prepared(project: Path) -> Path:
-    assert main(["-q", "prepare"]) == 0
-    return project / "data" / "prepared"
-
-
-def _splits(prepared: Path):
-    return load_split(prepared / "train.pt"), load_split(prepared / "val.pt")
-
-
-def _cfg(**train: object):
-    base = load_params("params.yaml").to_dict()
-    base["train"].update(train)
-    return parse_params(base)
 
 
 def test_cli_prepare_and_train_end_to_end(prepared: Path) -> None:
@@ -52,14 +36,14 @@ def test_cli_prepare_and_train_end_to_end(prepared: Path) -> None:
 
 
 def test_training_lowers_the_loss(prepared: Path) -> None:
-    result = train(_cfg(epochs=4), *_splits(prepared), out_dir=Path("models"))
+    result = train(train_cfg(epochs=4), *prepared_splits(prepared), out_dir=Path("models"))
     losses = [row["train_loss"] for row in result.history]
     assert losses[-1] < losses[0]
     assert result.history[-1]["val_nelbo"] < result.history[0]["val_nelbo"]
 
 
 def test_checkpoint_round_trips_every_tensor(prepared: Path) -> None:
-    result = train(_cfg(epochs=1), *_splits(prepared), out_dir=Path("models"))
+    result = train(train_cfg(epochs=1), *prepared_splits(prepared), out_dir=Path("models"))
     ckpt = load_checkpoint("models/checkpoint.pt")
     assert ckpt["epoch"] == 1 and ckpt["step"] == result.history[-1]["step"]
     assert ckpt["versions"]["torch"] == torch.__version__
@@ -92,7 +76,7 @@ def _kill_after(epoch: int):
     ids=["constant", "decay", "iwae-ema"],
 )
 def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, extra: dict) -> None:
-    splits, cfg = _splits(prepared), _cfg(epochs=3, **extra)
+    splits, cfg = prepared_splits(prepared), train_cfg(epochs=3, **extra)
     lr_decay = cfg.train.lr_decay
     full = train(cfg, *splits, out_dir=tmp_path / "full")
     with pytest.raises(_Killed):
@@ -115,13 +99,13 @@ def test_resume_matches_uninterrupted_run(prepared: Path, tmp_path: Path, extra:
 
 
 def test_more_epochs_continue_a_constant_lr_run_only(prepared: Path, tmp_path: Path) -> None:
-    splits = _splits(prepared)
-    train(_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
-    grown = train(_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
+    splits = prepared_splits(prepared)
+    train(train_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
+    grown = train(train_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=tmp_path / "constant")
     assert grown.resumed_from == 1 and len(grown.history) == 2
     # a decaying lr is laid out over `epochs`: epoch 1 of a 1-epoch run ended at lr 0
-    train(_cfg(epochs=1, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
-    fresh = train(_cfg(epochs=2, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
+    train(train_cfg(epochs=1, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
+    fresh = train(train_cfg(epochs=2, lr_decay=0.5), *splits, out_dir=tmp_path / "decay")
     assert fresh.resumed_from == 0
 
 
@@ -132,8 +116,8 @@ def test_training_flushes_subnormals_and_restores_them(prepared: Path) -> None:
     tiny = torch.tensor([1e-40])  # a float32 subnormal
     seen: list[float] = []
     train(
-        _cfg(epochs=1),
-        *_splits(prepared),
+        train_cfg(epochs=1),
+        *prepared_splits(prepared),
         out_dir=Path("models"),
         on_epoch_end=lambda row: seen.append((tiny * 1.0).item()),
     )
@@ -142,17 +126,17 @@ def test_training_flushes_subnormals_and_restores_them(prepared: Path) -> None:
 
 
 def test_changed_params_start_from_scratch(prepared: Path, tmp_path: Path) -> None:
-    splits = _splits(prepared)
-    train(_cfg(epochs=1), *splits, out_dir=tmp_path)
-    result = train(_cfg(epochs=2, lr=0.001), *splits, out_dir=tmp_path)
+    splits = prepared_splits(prepared)
+    train(train_cfg(epochs=1), *splits, out_dir=tmp_path)
+    result = train(train_cfg(epochs=2, lr=0.001), *splits, out_dir=tmp_path)
     assert result.resumed_from == 0
 
 
 def test_nan_loss_names_the_step_and_keeps_checkpoint(
     prepared: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    splits = _splits(prepared)
-    train(_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=Path("models"))
+    splits = prepared_splits(prepared)
+    train(train_cfg(epochs=1, lr_decay=0.0), *splits, out_dir=Path("models"))
     good = load_checkpoint("models/checkpoint.pt")
     real = vae.training.train.objective_terms
     calls = {"n": 0}
@@ -167,7 +151,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
     monkeypatch.setattr(vae.training.train, "objective_terms", poisoned)
     step0 = good["step"]
     with pytest.raises(NonFiniteLossError, match=rf"at step {step0 + 2} \(epoch 2\)"):
-        train(_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=Path("models"))
+        train(train_cfg(epochs=2, lr_decay=0.0), *splits, out_dir=Path("models"))
     kept = load_checkpoint("models/checkpoint.pt")
     assert kept["epoch"] == 1
     for name, tensor in good["model"].items():
@@ -176,7 +160,7 @@ def test_nan_loss_names_the_step_and_keeps_checkpoint(
 
 def test_batch_larger_than_data_is_a_config_error(prepared: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
-        train(_cfg(batch_size=100_000), *_splits(prepared), out_dir=Path("models"))
+        train(train_cfg(batch_size=100_000), *prepared_splits(prepared), out_dir=Path("models"))
     write_params(Path("params.yaml"), train={"batch_size": 100_000})
     assert main(["-q", "train"]) == 2
     assert not Path("models/checkpoint.pt").exists()
@@ -195,24 +179,24 @@ def test_corrupt_checkpoint_is_a_clear_error(prepared: Path, capsys: pytest.Capt
 def test_changed_training_code_starts_from_scratch(
     prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    splits = _splits(prepared)
-    train(_cfg(epochs=1), *splits, out_dir=tmp_path)
+    splits = prepared_splits(prepared)
+    train(train_cfg(epochs=1), *splits, out_dir=tmp_path)
     monkeypatch.setattr(vae.training.checkpoint, "code_fingerprint", lambda: "other code")
-    result = train(_cfg(epochs=2), *splits, out_dir=tmp_path)
+    result = train(train_cfg(epochs=2), *splits, out_dir=tmp_path)
     assert result.resumed_from == 0
 
 
 @pytest.mark.slow
 def test_compiled_training_matches_eager(prepared: Path, tmp_path: Path) -> None:
-    splits = _splits(prepared)
-    eager = train(_cfg(epochs=1), *splits, out_dir=tmp_path / "eager")
-    compiled = train(_cfg(epochs=1, compile=True), *splits, out_dir=tmp_path / "compiled")
+    splits = prepared_splits(prepared)
+    eager = train(train_cfg(epochs=1), *splits, out_dir=tmp_path / "eager")
+    compiled = train(train_cfg(epochs=1, compile=True), *splits, out_dir=tmp_path / "compiled")
     for key in ("train_loss", "val_nelbo", "val_kl"):  # inductor fuses ops: not bit-identical
         assert compiled.history[0][key] == pytest.approx(eager.history[0][key], rel=1e-3), key
 
 
 def test_a_model_saved_before_activation_existed_loads_as_relu(prepared: Path) -> None:
-    train(_cfg(epochs=1), *_splits(prepared), out_dir=Path("models"))
+    train(train_cfg(epochs=1), *prepared_splits(prepared), out_dir=Path("models"))
     obj = torch.load("models/model.pt", weights_only=True)
     assert obj["params"]["model"].pop("activation") == "leaky_relu"  # as an older vae saved it
     torch.save(obj, "models/old.pt")
@@ -234,8 +218,8 @@ def test_the_code_fingerprint_ignores_comments_and_docstrings() -> None:
 
 
 def test_iwae_objective_trains_on_the_tighter_bound(prepared: Path, tmp_path: Path) -> None:
-    splits = _splits(prepared)
-    result = train(_cfg(epochs=2, objective="iwae", iw_k=4), *splits, out_dir=tmp_path)
+    splits = prepared_splits(prepared)
+    result = train(train_cfg(epochs=2, objective="iwae", iw_k=4), *splits, out_dir=tmp_path)
     for row in result.history:
         # -L_K <= the Monte Carlo -ELBO of the same samples (Jensen), on train and validation
         assert row["train_loss"] <= -row["train_elbo"] and row["val_loss"] <= row["val_nelbo"]
@@ -244,7 +228,7 @@ def test_iwae_objective_trains_on_the_tighter_bound(prepared: Path, tmp_path: Pa
 
 def test_ema_weights_are_the_ones_kept(prepared: Path, tmp_path: Path) -> None:
     """With an EMA, validation, the best epoch and model.pt all use the averaged weights."""
-    splits = _splits(prepared)
+    splits = prepared_splits(prepared)
     seen: list[dict[str, torch.Tensor]] = []
 
     class Spy(vae.training.train.EMA):
@@ -254,7 +238,7 @@ def test_ema_weights_are_the_ones_kept(prepared: Path, tmp_path: Path) -> None:
 
     vae.training.train.EMA, real = Spy, vae.training.train.EMA
     try:
-        result = train(_cfg(epochs=2, ema_decay=0.99, lr_decay=0.0), *splits, out_dir=tmp_path)
+        result = train(train_cfg(epochs=2, ema_decay=0.99, lr_decay=0.0), *splits, out_dir=tmp_path)
     finally:
         vae.training.train.EMA = real
     best = result.history[result.metrics["best_epoch"] - 1]["step"]
@@ -288,7 +272,9 @@ def test_epoch_images_go_to_the_tracker_at_their_epochs(prepared: Path, tmp_path
     """At step 0, every image_every epochs and at the last: two grids, the same draws each time,
     and the training itself unchanged by them (the draws use their own generator)."""
     tracker = RecordingTracker()
-    with_images = train(_with_images(2, 3), *_splits(prepared), tmp_path / "a", tracker=tracker)
+    with_images = train(
+        _with_images(2, 3), *prepared_splits(prepared), tmp_path / "a", tracker=tracker
+    )
     steps = [(key, step) for key, _, step in tracker.images]
     assert steps == [(k, step) for step in (0, 2, 3) for k in ("samples", "reconstructions")]
     for key, image, _ in tracker.images:
@@ -298,11 +284,13 @@ def test_epoch_images_go_to_the_tracker_at_their_epochs(prepared: Path, tmp_path
     assert samples.shape == (2 * (2 + 2 * 30), 2 * (2 + 8 * 30), 3)  # 16 draws, 8 a row, 2x
     assert recon.shape == samples.shape  # 8 inputs over their 8 reconstructions
     assert any("epoch_images_seconds" in m for m, _ in tracker.metrics)
-    without = train(_with_images(0, 3), *_splits(prepared), tmp_path / "b", tracker=NullTracker())
+    without = train(
+        _with_images(0, 3), *prepared_splits(prepared), tmp_path / "b", tracker=NullTracker()
+    )
     for name, tensor in with_images.model.state_dict().items():
         assert torch.equal(tensor, without.model.state_dict()[name]), name
     again = RecordingTracker()
-    train(_with_images(2, 3), *_splits(prepared), tmp_path / "c", tracker=again)
+    train(_with_images(2, 3), *prepared_splits(prepared), tmp_path / "c", tracker=again)
     assert np.array_equal(again.images[2][1], samples), "the same draws, the same grid"
     assert not np.array_equal(tracker.images[0][1], samples), "step 0 is the untrained model"
 
