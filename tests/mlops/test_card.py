@@ -107,6 +107,17 @@ def test_the_card_follows_the_metrics_files(folders) -> None:
     assert "99.9" in after and "103.6" not in after
 
 
+def test_a_two_layer_card_gives_active_units_and_kl_per_layer(folders) -> None:
+    """Two layers: the active units and the KL rows name each layer's share, [z1, z2]."""
+    assert "z1, z2" not in _card(folders)  # one layer: eval.json has no per-layer lists
+    two = {**EVAL, "active_units": 36, "active_units_per_layer": [20, 16]}
+    two |= {"kl_per_layer": [5.84, 13.23], "kl": 19.07}
+    (folders["metrics"] / "eval.json").write_text(json.dumps(two))
+    page = _card(folders)
+    assert "<tr><th>active units (z1, z2: 20, 16)</th>" in page
+    assert "KL(q || p) (nats) (z1, z2: 5.84, 13.23)</th>" in page
+
+
 def test_the_card_compares_with_the_champion_it_was_gated_against(folders) -> None:
     champion = {"nll_iw": "229.5", "fid": "70.0", "knn_accuracy": "0.86"}
     page = _card(folders, {"champion before (v1)": champion})

@@ -130,6 +130,7 @@ def card_facts(
         pictures=pictures,
         extra={
             "iw_samples": ev.get("iw_samples"),
+            "per_layer": {k: ev.get(f"{k}_per_layer") for k in ("active_units", "kl")},
             "sampler": quality.get("sampler"),
             "temperature": quality.get("temperature"),
             "feature_net_sha256": quality.get("feature_net_sha256"),
@@ -214,6 +215,8 @@ def _compare(facts: CardFacts) -> str:
     for key, label, digits, lower in CARD_METRICS:
         if key == "nll_iw" and facts.extra.get("iw_samples"):
             label = f"{label}, K = {facts.extra['iw_samples']}"
+        if layers := (facts.extra.get("per_layer") or {}).get(key):  # two layers: [z1, z2]
+            label += " (z1, z2: " + ", ".join(_fmt(v, digits) for v in layers) + ")"
         mine = cols[0][1][key]
         cells = []
         for i, (_, values) in enumerate(cols):
