@@ -4,6 +4,7 @@ and the EMA as they were; below every norm it changes nothing; above every norm 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -72,14 +73,21 @@ def test_a_skip_above_every_norm_changes_nothing(splits) -> None:
     assert [r["skipped_steps"] for r in runs[1].history] == [0, 0]
 
 
-def test_skipped_steps_are_counted_and_logged(
-    splits, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("factor", [1e6, float("nan")])
+def test_skipped_steps_are_counted_logged_and_left_out_of_the_means(
+    splits, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, factor: float
 ) -> None:
-    _scaled_loss(monkeypatch, 1e6, calls={2})
+    """A skipped batch's loss, huge or NaN, is in no mean of the epoch's row, and a NaN there
+    does not stop the run: its step was never taken. The row is the mean of the steps taken."""
+    clean = train(_cfg(epochs=1, skip_grad_norm=1000.0), *splits, out_dir=Path("clean"))
+    _scaled_loss(monkeypatch, factor, calls={2})
     with caplog.at_level(logging.WARNING, logger="vae.training.train"):
         result = train(_cfg(epochs=1, skip_grad_norm=1000.0), *splits, out_dir=Path("models"))
-    assert result.history[0]["skipped_steps"] == 1
+    row, ref = result.history[0], clean.history[0]
+    assert row["skipped_steps"] == 1 and ref["skipped_steps"] == 0
     assert "epoch 1: skipped 1 of" in caplog.text and "train.skip_grad_norm=1000" in caplog.text
+    assert math.isfinite(row["train_loss"]) and abs(row["train_loss"] - ref["train_loss"]) < 50
+    assert Path("models/model.pt").exists()
 
 
 def test_a_norm_below_every_gradient_stops_naming_the_key(splits) -> None:

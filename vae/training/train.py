@@ -205,7 +205,7 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     shard = slice(run.rank, None, run.world)  # this rank's rows of every global batch
     total_steps = run.n_batches * tc.epochs
-    run.skipped = 0
+    run.skipped, taken = 0, 0  # taken: the images of the steps taken; a mean is over them
     for i in range(run.n_batches):
         idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]  # the global batch (B,)
         # Noise is drawn for the whole global batch and sliced, so N ranks see exactly the
@@ -217,13 +217,13 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
         eps = draw_eps(
             (idx.shape[0], cfg.model.code_dim), tc.objective, tc.iw_k, run.noise_gen, device
         )
-        idx = idx[shard]
-        x = batch_to_float(split.images[idx], cfg.data.binarize, uniform=u)
-        stacked = _step(run, x, eps[..., shard, :], total_steps)
-        first_bad = torch.where(
-            ~torch.isfinite(stacked).all() & (first_bad < 0), run.step, first_bad
-        )
-        sums += stacked * idx.shape[0]
+        x = batch_to_float(split.images[idx[shard]], cfg.data.binarize, uniform=u)
+        # None: skipped (train.skip_grad_norm); its loss, NaN or not, counts in no mean
+        if (stacked := _step(run, x, eps[..., shard, :], total_steps)) is not None:
+            first_bad = torch.where(
+                ~torch.isfinite(stacked).all() & (first_bad < 0), run.step, first_bad
+            )
+            sums, taken = sums + stacked * x.shape[0], taken + idx.shape[0]
         run.step += 1
         for cb in callbacks:
             cb.on_step(run)
@@ -248,7 +248,7 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
         k=tc.iw_k,
     )
     run.epoch += 1
-    row = _epoch_row(run, (sums / run.n).tolist(), val, time.perf_counter() - t0)
+    row = _epoch_row(run, (sums / taken).tolist(), val, time.perf_counter() - t0)
     run.history.append(row)
     # The best epoch is the one with the best validation objective: -ELBO, or -L_K for iwae.
     if row["val_loss"] < run.best_loss:
@@ -274,8 +274,8 @@ def _check_skipped(run: Run) -> None:
         )
 
 
-def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> torch.Tensor:
-    """One optimiser step on batch ``x``; returns the detached (loss, elbo, recon, kl)."""
+def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> torch.Tensor | None:
+    """One optimiser step on batch ``x``: the detached (loss, elbo, recon, kl), None if skipped."""
     tc = run.cfg.train
     w = kl_weight(run.step, tc.kl_warmup_steps, tc.beta)
     if tc.lr_decay > 0:
@@ -292,10 +292,10 @@ def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> tor
         skip = tc.skip_grad_norm > 0 and not bool(norm <= tc.skip_grad_norm)
     if skip:  # no step: the weights, Adam's moments and the EMA stay as they were
         run.skipped += 1
-    else:
-        run.opt.step()
-        if run.ema is not None:
-            run.ema.update(run.model, run.step)
+        return None
+    run.opt.step()
+    if run.ema is not None:
+        run.ema.update(run.model, run.step)
     return torch.stack(terms).detach().float()
 
 
