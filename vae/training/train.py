@@ -260,18 +260,21 @@ def _run_epoch(run: Run, split: Split, callbacks: list[Any], ckpt_path: Path) ->
 
 def _check_skipped(run: Run) -> None:
     """Say how many steps ``train.skip_grad_norm`` skipped this epoch; stop if it was all."""
+    if not run.skipped:
+        return
     limit, epoch = run.cfg.train.skip_grad_norm, run.epoch + 1
     if run.skipped == run.n_batches:
         raise SkippedEveryStepError(
             f"train.skip_grad_norm: every step of epoch {epoch} had a gradient norm "
             f"above {limit:g}, so nothing trained; raise it, or set 0 to turn skipping off"
         )
-    if run.skipped:
-        skipped = (epoch, run.skipped, run.n_batches, limit)
-        log.warning(
-            "epoch %d: skipped %d of %d steps (gradient norm above train.skip_grad_norm=%g)",
-            *skipped,
-        )
+    log.warning(
+        "epoch %d: skipped %d of %d steps (gradient norm above train.skip_grad_norm=%g)",
+        epoch,
+        run.skipped,
+        run.n_batches,
+        limit,
+    )
 
 
 def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> torch.Tensor | None:
@@ -285,14 +288,12 @@ def _step(run: Run, x: torch.Tensor, eps: torch.Tensor, total_steps: int) -> tor
         terms = objective_terms(x, run.net(x, eps=eps), tc.objective, w, tc.free_bits)
     run.opt.zero_grad(set_to_none=True)
     terms.loss.backward()
-    skip = False
     if tc.grad_clip > 0 or tc.skip_grad_norm > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip or math.inf)
         # The one host sync per step, only when skipping is on; NaN compares False: skipped
-        skip = tc.skip_grad_norm > 0 and not bool(norm <= tc.skip_grad_norm)
-    if skip:  # no step: the weights, Adam's moments and the EMA stay as they were
-        run.skipped += 1
-        return None
+        if tc.skip_grad_norm > 0 and not bool(norm <= tc.skip_grad_norm):
+            run.skipped += 1
+            return None  # no step: the weights, Adam's moments and the EMA stay as they were
     run.opt.step()
     if run.ema is not None:
         run.ema.update(run.model, run.step)
