@@ -70,7 +70,10 @@ class LowerLayer(nn.Module):
     """The lower layer's two conditionals, q(z1 | x, z2) and p(z1 | z2)."""
 
     p_net: nn.Sequential
-    mean_bound: float = 0.0  # ``model.mean_bound``: soft bound on both conditionals' means
+
+    def __init__(self, mean_bound: float = 0.0) -> None:
+        super().__init__()
+        self.mean_bound = mean_bound  # ``model.mean_bound``: soft bound on both conditionals' means
 
     def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
         """What q(z1|x, z2) reads of x, (B, F), from the images and the encoder's features."""
@@ -102,8 +105,7 @@ class TopDown(LowerLayer):
     def __init__(
         self, pixels: int, latent: int, hidden: int, act: str, gated: bool, mean_bound: float = 0.0
     ) -> None:
-        super().__init__()
-        self.mean_bound = mean_bound
+        super().__init__(mean_bound)
         self.q_x = nn.Sequential(nn.Flatten(), _unit(pixels, hidden, act, gated))
         self.q_z2 = _unit(latent, hidden, act, gated)
         self.q_joint = nn.Sequential(
@@ -134,8 +136,7 @@ class SharedTopDown(LowerLayer):
         gated: bool,
         mean_bound: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.mean_bound = mean_bound
+        super().__init__(mean_bound)
         self.q_net = nn.Sequential(
             *mlp_layers(features + latent, hidden, 1, 2 * latent, act, gated)
         )
@@ -145,8 +146,8 @@ class SharedTopDown(LowerLayer):
         return encoder_features
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        h = self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1))
-        return _gaussian(h, WIDE_LOGVAR, self.mean_bound)
+        out = self.q_net(torch.cat([h, z2.to(h.dtype)], dim=-1))
+        return _gaussian(out, WIDE_LOGVAR, self.mean_bound)
 
     def prior(self, z2: torch.Tensor) -> DiagonalGaussian:
         h = self.p_net(z2.to(next(self.p_net.parameters()).dtype))
