@@ -99,6 +99,33 @@ def test_the_first_design_still_loads_from_a_checkpoint_without_the_key(tmp_path
     assert load_model(tmp_path / "one.pt", expected=one.cfg)[0].cfg == one.cfg
 
 
+def test_the_density_of_a_draw_reuses_the_lower_posterior_it_was_drawn_from() -> None:
+    """q(z1|x, z2) runs once per draw: log q of the drawn z (or of its float64 copy, as the
+    evaluation scores it) reuses it, with the values and gradients of recomputing it; any other
+    z recomputes it."""
+    model, x = _vae(prior="vamp", pseudo_inputs=4), _batch()
+    calls = []
+    model.top_down.q_joint.register_forward_hook(lambda *_: calls.append(1))
+    q = model.encode(x)
+    z = q.sample(torch.Generator().manual_seed(2), n=5)
+    assert len(calls) == 1
+    for same in (z, z.detach().double()):
+        with torch.no_grad():  # a posterior that drew nothing computes it
+            fresh = model.encode(x).log_prob_layers(same.detach())
+        assert torch.equal(q.log_prob_layers(same), fresh)
+    assert len(calls) == 3
+    q.log_prob_layers(z.detach() + 1.0)  # another z: q(z1|x, z2) at its own z2
+    assert len(calls) == 4
+    params = list(model.parameters())
+    reused = torch.autograd.grad(q.log_prob(z).sum(), params, retain_graph=True, allow_unused=True)
+    again = torch.autograd.grad(q.log_prob(z.clone()).sum(), params, allow_unused=True)
+    assert len(calls) == 5  # the clone is another tensor that needs gradients: recomputed
+    for a, b in zip(reused, again, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_sampling_draws_the_top_layer_first() -> None:
     model = _vae(prior="vamp", pseudo_inputs=4)
     with torch.no_grad():

@@ -165,6 +165,7 @@ class HierarchicalPosterior:
         self.top = top  # q(z2|x), (B, D2)
         self.h = h  # what q(z1|x, z2) reads of x, (B, F)
         self.lower = lower  # (h, z2) -> q(z1|x, z2)
+        self._drawn: tuple[torch.Tensor, DiagonalGaussian] | None = None  # the last z, its q(z1|..)
 
     @functools.cached_property
     def _at_mean(self) -> DiagonalGaussian:
@@ -193,7 +194,10 @@ class HierarchicalPosterior:
         """z for standard-normal noise eps (..., B, D1 + D2): z2 first, then z1 given it."""
         eps1, eps2 = _split(eps, self.top.mean.shape[-1])
         z2 = self.top.reparam(eps2)
-        return torch.cat([self._lower_at(z2).reparam(eps1), z2], dim=-1)
+        lower = self._lower_at(z2)
+        z = torch.cat([lower.reparam(eps1), z2], dim=-1)
+        self._drawn = (z, lower)  # log_prob of this z reuses q(z1|x, z2): one pass per draw
+        return z
 
     def sample(
         self, generator: torch.Generator | None = None, n: int | None = None
@@ -207,10 +211,25 @@ class HierarchicalPosterior:
     def log_prob_layers(self, z: torch.Tensor) -> torch.Tensor:
         """[log q(z1|x, z2), log q(z2|x)] for z (..., B, D1 + D2) -> (..., B, 2)."""
         z1, z2 = _split(z, self.top.mean.shape[-1])
-        return torch.stack([self._lower_at(z2).log_prob(z1), self.top.log_prob(z2)], dim=-1)
+        return torch.stack([self._lower_for(z, z2).log_prob(z1), self.top.log_prob(z2)], dim=-1)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         return self.log_prob_layers(z).sum(-1)
+
+    def _lower_for(self, z: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
+        """q(z1|x, z2) for z = [z1, z2]: the one computed when z was drawn, if z is that draw (the
+        same tensor, or its values in another dtype, as the float64 copy the evaluation scores).
+        Gradients are those of recomputing it: the reused Gaussian is a function of the same z2."""
+        if self._drawn is not None:
+            drawn, lower = self._drawn
+            same = z is drawn or (
+                z.shape == drawn.shape
+                and not z.requires_grad
+                and torch.equal(z.to(drawn.dtype), drawn.detach())
+            )
+            if same:
+                return lower
+        return self._lower_at(z2)
 
 
 class HierarchicalPrior:
