@@ -124,6 +124,10 @@ def test_the_density_of_a_draw_reuses_the_lower_posterior_it_was_drawn_from() ->
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+    for loss, eps in ((iwae_bound, torch.randn(3, 6, 6)), (negative_elbo, torch.randn(6, 6))):
+        calls.clear()
+        loss(x, model(x, eps=eps)).loss.backward()  # the training step's forward: one pass
+        assert len(calls) == 1
 
 
 def test_sampling_draws_the_top_layer_first() -> None:
