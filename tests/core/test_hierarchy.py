@@ -105,7 +105,7 @@ def test_the_density_of_a_draw_reuses_the_lower_posterior_it_was_drawn_from() ->
     z recomputes it."""
     model, x = _vae(prior="vamp", pseudo_inputs=4), _batch()
     calls = []
-    model.top_down.q_joint.register_forward_hook(lambda *_: calls.append(1))
+    model.top_down.q_joint[1].register_forward_hook(lambda *_: calls.append(1))
     q = model.encode(x)
     z = q.sample(torch.Generator().manual_seed(2), n=5)
     assert len(calls) == 1

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from vae.core.distributions import DiagonalGaussian, Prior
 from vae.core.layers import Gated, activation, mlp_layers
@@ -113,12 +114,31 @@ class TopDown(LowerLayer):
         )
         self.p_net = nn.Sequential(*mlp_layers(latent, hidden, 2, 2 * latent, act, gated))
 
+    def _joint_linears(self) -> tuple[nn.Linear, ...]:
+        """The joint layer's linear maps of [x's features, z2's]: (h, g) gated, else one."""
+        unit = self.q_joint[0]
+        return (unit.h, unit.g) if isinstance(unit, Gated) else (unit[0],)
+
     def features(self, x: torch.Tensor, encoder_features: torch.Tensor) -> torch.Tensor:
-        return self.q_x(x)  # (B, hidden): computed once, whatever the samples of z2
+        """The joint layer's x half, W_x q_x(x) + b for each of its linear maps, (B, 2 hidden)
+        gated: W [hx; hz] + b = (W_x hx + b) + W_z hz, so the K draws of z2 pay for W_z hz only."""
+        hx = self.q_x(x)
+        width = hx.shape[-1]
+        return torch.cat(
+            [F.linear(hx, m.weight[:, :width], m.bias) for m in self._joint_linears()], -1
+        )
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        joint = self.q_joint(torch.cat([h, self.q_z2(z2.to(h.dtype))], dim=-1))
-        return _gaussian(joint, mean_bound=self.mean_bound)
+        maps = self._joint_linears()
+        hz = self.q_z2(z2.to(h.dtype))
+        width = hz.shape[-1]
+        pre = [
+            x_half + F.linear(hz, m.weight[:, width:])
+            for x_half, m in zip(h.chunk(len(maps), -1), maps, strict=True)
+        ]
+        unit = self.q_joint[0]
+        hidden = pre[0] * torch.sigmoid(pre[1]) if isinstance(unit, Gated) else unit[1](pre[0])
+        return _gaussian(self.q_joint[1](hidden), mean_bound=self.mean_bound)
 
 
 class SharedTopDown(LowerLayer):
