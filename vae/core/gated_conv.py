@@ -39,7 +39,7 @@ class GatedConv2d(nn.Module):
         self.g = nn.Conv2d(c_in, c_out, kernel, stride, pad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
+        return Gated.gate(self.h(x), self.g(x))
 
 
 class GatedConvEncoder(SequentialEncoder):

@@ -129,15 +129,14 @@ class TopDown(LowerLayer):
         )
 
     def posterior(self, h: torch.Tensor, z2: torch.Tensor) -> DiagonalGaussian:
-        maps = self._joint_linears()
+        unit, maps = self.q_joint[0], self._joint_linears()
         hz = self.q_z2(z2.to(h.dtype))
         width = hz.shape[-1]
         pre = [
             x_half + F.linear(hz, m.weight[:, width:])
             for x_half, m in zip(h.chunk(len(maps), -1), maps, strict=True)
         ]
-        unit = self.q_joint[0]
-        hidden = pre[0] * torch.sigmoid(pre[1]) if isinstance(unit, Gated) else unit[1](pre[0])
+        hidden = Gated.gate(*pre) if isinstance(unit, Gated) else unit[1](*pre)
         return _gaussian(self.q_joint[1](hidden), mean_bound=self.mean_bound)
 
 

@@ -28,8 +28,13 @@ class Gated(nn.Module):
         super().__init__()
         self.h, self.g = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
 
+    @staticmethod
+    def gate(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its two pre-activations, W x + b and V x + c."""
+        return h * torch.sigmoid(g)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.h(x) * torch.sigmoid(self.g(x))
+        return self.gate(self.h(x), self.g(x))
 
 
 def mlp_layers(
