@@ -24,6 +24,7 @@ import yaml
 
 from vae.data.raw import IDX_FILES
 
+pytest_plugins = ["tests.xdist_groups"]
 os.environ.setdefault("MPLBACKEND", "Agg")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -257,6 +258,7 @@ def start_server(
     this venv's); wait until healthy."""
     bin_dir = bin_dir or Path(sys.executable).parent
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 processes
     proc = subprocess.Popen(
         args,
         cwd=cwd,
