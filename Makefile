@@ -18,7 +18,7 @@ pipeline: install dataset
 
 test: install java postgres browser
 	ruff check . && ruff format --check .
-	python -m pytest --durations=25
+	python -m pytest -n logical --durations=25
 
 install: $(STAMP)
 
