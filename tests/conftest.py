@@ -258,7 +258,7 @@ def start_server(
     this venv's); wait until healthy."""
     bin_dir = bin_dir or Path(sys.executable).parent
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 processes
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no GenAI job runner: 8 processes fewer
     proc = subprocess.Popen(
         args,
         cwd=cwd,
