@@ -218,7 +218,7 @@ def _missing_pipeline_extra() -> str | None:
     """The first module of the ``pipeline`` extra that is not installed, if any."""
     import importlib.util
 
-    for module in ("dvc", "prefect", "torchvision", "sklearn", "matplotlib", "torchmetrics"):
+    for module in ("dvc", "prefect", "torchvision", "sklearn", "matplotlib"):
         if importlib.util.find_spec(module) is None:
             return module
     return None
